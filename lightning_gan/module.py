@@ -1,0 +1,325 @@
+"""The adversarial training procedure of Goodfellow et al. (2014) as a manual-optimization LightningModule.
+
+Step counting: ``trainer.global_step`` (and so ``max_steps``, ``log_every_n_steps``, checkpointing every n steps)
+counts *training batches*, which is the number of discriminator updates. Lightning would count every optimizer
+step; generator steps are left out of the count so that the number means the same for every ``k`` and schedule.
+Generator updates so far: :attr:`GAN.generator_updates`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_gan.schedules import ExponentialDecay, MomentumRamp
+
+Schedule = Literal["alternating", "simultaneous"]
+GeneratorLoss = Literal["minimax", "non_saturating"]
+
+
+def _paper_sgd(params: Any) -> Optimizer:
+    # torch's SGD keeps buf = m * buf + g and steps lr * buf; the authors' pylearn2 rule inc = m * inc - lr * g is the
+    # same update while lr is constant, and within 4e-6 (relative) under their 1.000004 per-step decay.
+    return torch.optim.SGD(params, lr=0.1, momentum=0.5)
+
+
+def _do_nothing() -> None:
+    return None
+
+
+class GAN(LightningModule):
+    """Generative adversarial nets trained by the paper's Algorithm 1, or by the authors' simultaneous update.
+
+    Args:
+        generator: module with attribute ``noise_dim``, method ``sample_noise(n, device)`` and ``generator(z)``
+            returning images ``(n, C, H, W)`` in data space.
+        discriminator: module mapping images ``(n, C, H, W)`` to logits ``(n,)``.
+        k: discriminator updates per generator update (``alternating`` only).
+        schedule: ``"alternating"``: every batch makes one discriminator update on fresh real data and fresh noise,
+            and after every ``k``-th one the generator makes one update on fresh noise (Algorithm 1).
+            ``"simultaneous"``: one noise draw and one minibatch update both networks from the same discriminator
+            parameters (the authors' MNIST code; ``k`` must be 1).
+        generator_loss: ``"non_saturating"`` descends ``-log D(G(z))``; ``"minimax"`` descends ``log(1 - D(G(z)))``.
+        generator_optimizer: optimizer factory for the generator; ``None`` is the paper's SGD (lr .1, momentum .5).
+        discriminator_optimizer: optimizer factory for the discriminator; ``None`` as above.
+        lr_decay: divide each learning rate by this after every update of its network (1 switches it off).
+        min_lr: floor of the decayed learning rate.
+        momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off).
+        momentum_start_epoch: (1-based) epoch where the ramp starts.
+        momentum_saturate_epoch: (1-based) epoch where the momentum reaches ``momentum_final``.
+
+    Raises:
+        ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``, or
+            ``lr_decay < 1``.
+        TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        k: int = 1,
+        schedule: Schedule = "alternating",
+        generator_loss: GeneratorLoss = "non_saturating",
+        generator_optimizer: OptimizerCallable | None = None,
+        discriminator_optimizer: OptimizerCallable | None = None,
+        lr_decay: float = 1.000004,
+        min_lr: float = 1e-6,
+        momentum_final: float | None = 0.7,
+        momentum_start_epoch: int = 1,
+        momentum_saturate_epoch: int = 250,
+    ) -> None:
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Expected `k` to be a positive integer, but got {k!r}.")
+        if schedule not in ("alternating", "simultaneous"):
+            raise ValueError(f"Expected `schedule` to be 'alternating' or 'simultaneous', but got {schedule!r}.")
+        if schedule == "simultaneous" and k != 1:
+            raise ValueError(
+                f"The 'simultaneous' schedule updates both networks from one minibatch, so `k` must be 1, but got "
+                f"k={k}; use schedule='alternating' for k > 1."
+            )
+        if generator_loss not in ("minimax", "non_saturating"):
+            raise ValueError(
+                f"Expected `generator_loss` to be 'minimax' or 'non_saturating', but got {generator_loss!r}."
+            )
+        if lr_decay < 1:
+            raise ValueError(f"Expected `lr_decay` >= 1 (1 keeps the learning rate constant), but got {lr_decay}.")
+        if not (hasattr(generator, "noise_dim") and callable(getattr(generator, "sample_noise", None))):
+            raise TypeError(
+                f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
+                "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
+            )
+        # The networks are checkpointed as weights; LightningCLI stores their configuration with the run.
+        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        self.automatic_optimization = False
+        self.generator = generator
+        self.discriminator = discriminator
+        self.k = k
+        self.schedule = schedule
+        self.generator_loss = generator_loss
+        self.generator_optimizer = generator_optimizer or _paper_sgd
+        self.discriminator_optimizer = discriminator_optimizer or _paper_sgd
+        self.lr_decay, self.min_lr = lr_decay, min_lr
+        self.momentum_final = momentum_final
+        self.momentum_start_epoch, self.momentum_saturate_epoch = momentum_start_epoch, momentum_saturate_epoch
+
+    # ------------------------------------------------------------------ losses (override to change the game)
+    def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        """The negated value function: ``0.5 * (BCE(D(x), 1) + BCE(D(G(z)), 0))`` from logits, batch mean."""
+        return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+    def generator_loss_fn(self, fake_logits: Tensor) -> Tensor:
+        """``-log D(G(z))`` (non-saturating) or ``log(1 - D(G(z)))`` (minimax), batch mean, from logits."""
+        if self.generator_loss == "non_saturating":
+            return F.softplus(-fake_logits).mean()
+        return -F.softplus(fake_logits).mean()
+
+    # ------------------------------------------------------------------ optimizers and schedules
+    def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
+        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps."""
+        optimizers = [
+            self.discriminator_optimizer(self.discriminator.parameters()),
+            self.generator_optimizer(self.generator.parameters()),
+        ]
+        for name, optimizer in zip(("discriminator", "generator"), optimizers):
+            for group in optimizer.param_groups:
+                if not group["lr"] > 0:
+                    raise ValueError(
+                        f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; "
+                        f"set `{name}_optimizer.init_args.lr` to a value > 0."
+                    )
+        schedulers: list[Any] = []
+        if self.lr_decay != 1:
+            schedulers += [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers]
+        if self.momentum_final is not None:
+            schedulers += [
+                MomentumRamp(opt, self.momentum_final, self.momentum_start_epoch, self.momentum_saturate_epoch)
+                for opt in optimizers
+            ]
+        return optimizers, schedulers
+
+    def _schedulers_of(self, optimizer: Optimizer, kind: type) -> list[Any]:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        if not isinstance(schedulers, Sequence):
+            schedulers = [schedulers]
+        return [s for s in schedulers if isinstance(s, kind) and s.optimizer is optimizer]
+
+    # ------------------------------------------------------------------ fit-time setup
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if isinstance(trainer.strategy, DDPStrategy) and not trainer.strategy._ddp_kwargs.get(
+            "find_unused_parameters", False
+        ):
+            # Each backward pass trains one network, so the other's parameters get no gradient in it; DDP must be
+            # told, or it waits for them (Lightning-AI/pytorch-lightning#20328).
+            trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("GAN: enabling DDP `find_unused_parameters`, as each backward pass trains one network.")
+        if stage == "fit" and trainer.ckpt_path is None and getattr(self.generator, "output_bias_from_data", False):
+            self._init_output_bias_from_data()
+
+    def _init_output_bias_from_data(self) -> None:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        pixel_mean = getattr(datamodule, "pixel_mean", None)
+        if not callable(pixel_mean):
+            rank_zero_warn(
+                "The generator asks for its output bias from the training data (`output_bias_from_data`), but the "
+                "datamodule has no `pixel_mean()`; the bias stays at its initial value."
+            )
+            return
+        self.generator.init_output_bias(pixel_mean())
+
+    def on_train_start(self) -> None:
+        self._d_decay = self._schedulers_of(self._optimizer(0), ExponentialDecay)
+        self._g_decay = self._schedulers_of(self._optimizer(1), ExponentialDecay)
+
+    def _optimizer(self, index: int) -> Optimizer:
+        optimizer = self.trainer.optimizers[index]
+        return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+    # ------------------------------------------------------------------ training
+    @property
+    def generator_updates(self) -> int:
+        """Generator updates made so far (``global_step`` counts discriminator updates)."""
+        return self.global_step // self.k
+
+    def _real_images(self, batch: Any) -> Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def _update(self, optimizer: LightningOptimizer, network: nn.Module, decays: list[Any], counted: bool) -> None:
+        if counted:
+            optimizer.step()
+        else:
+            # Stepping without Lightning's step hooks keeps generator updates out of `global_step`.
+            before, after = optimizer._on_before_step, optimizer._on_after_step
+            optimizer._on_before_step = optimizer._on_after_step = _do_nothing
+            try:
+                optimizer.step()
+            finally:
+                optimizer._on_before_step, optimizer._on_after_step = before, after
+        apply_constraints = getattr(network, "apply_constraints", None)
+        if callable(apply_constraints):
+            apply_constraints()
+        for decay in decays:
+            decay.step()
+
+    def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> tuple[Tensor, Tensor]:
+        """Generator loss on fresh noise; the discriminator's parameters get no gradient from it."""
+        with self.toggled_optimizer(g_opt):
+            fake_logits = self.discriminator(self.generator(self.generator.sample_noise(n, self.device)))
+        return self.generator_loss_fn(fake_logits), fake_logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = self._real_images(batch)
+        d_opt, g_opt = self.optimizers()
+        n = real.shape[0]
+        if self.schedule == "simultaneous":
+            # Both objectives from one noise draw and the same discriminator parameters. The generator's pass
+            # through D is a second forward with D's parameters frozen (its own dropout mask), so that one backward
+            # gives each network exactly its own gradient.
+            z = self.generator.sample_noise(n, self.device)
+            fake = self.generator(z)
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake.detach())
+            d_loss = self.discriminator_loss(real_logits, fake_logits)
+            with self.toggled_optimizer(g_opt):
+                g_loss = self.generator_loss_fn(self.discriminator(fake))
+            d_opt.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss + g_loss)
+            self._update(d_opt, self.discriminator, self._d_decay, counted=True)
+            self._update(g_opt, self.generator, self._g_decay, counted=False)
+        else:
+            with torch.no_grad():
+                fake = self.generator(self.generator.sample_noise(n, self.device))
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake)
+            d_loss = self.discriminator_loss(real_logits, fake_logits)
+            d_opt.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._update(d_opt, self.discriminator, self._d_decay, counted=True)
+            g_loss = None
+            if self.global_step % self.k == 0:
+                g_loss, _ = self._generator_objective(g_opt, n)
+                g_opt.zero_grad(set_to_none=True)
+                self.manual_backward(g_loss)
+                self._update(g_opt, self.generator, self._g_decay, counted=False)
+        self._log_step("train", d_loss, g_loss, real_logits, fake_logits)
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, Sequence) else [schedulers]:
+            if isinstance(scheduler, MomentumRamp):
+                scheduler.step()
+
+    def _log_step(
+        self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, real_logits: Tensor, fake_logits: Tensor
+    ) -> None:
+        on_step = prefix == "train"
+        metrics = {
+            f"{prefix}/d_loss": d_loss.detach(),
+            f"{prefix}/d_real": torch.sigmoid(real_logits.detach()).mean(),
+            f"{prefix}/d_fake": torch.sigmoid(fake_logits.detach()).mean(),
+        }
+        if g_loss is not None:
+            metrics[f"{prefix}/g_loss"] = g_loss.detach()
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=False)
+        if on_step:
+            d_opt, g_opt = self._optimizer(0), self._optimizer(1)
+            self.log_dict(
+                {
+                    "train/lr_d": d_opt.param_groups[0]["lr"],
+                    "train/lr_g": g_opt.param_groups[0]["lr"],
+                    **{
+                        f"train/momentum_{tag}": opt.param_groups[0]["momentum"]
+                        for tag, opt in (("d", d_opt), ("g", g_opt))
+                        if "momentum" in opt.param_groups[0]
+                    },
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
+        real = self._real_images(batch)
+        # Evaluation noise is seeded by the batch index, so the numbers are reproducible and training's random
+        # stream is left untouched.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(batch_idx)
+            z = self.generator.sample_noise(real.shape[0], self.device)
+        fake = self.generator(z)
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+        d_loss = self.discriminator_loss(real_logits, fake_logits)
+        self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "test")
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """Draw ``n`` images ``(n, C, H, W)`` from the generator, in eval mode, on the module's device."""
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return self.generator(self.generator.sample_noise(n, self.device))
+        finally:
+            self.generator.train(was_training)
