@@ -74,6 +74,10 @@ class GANDataModule(LightningDataModule):
         """Per-pixel mean of the training split ``(C, H, W)``, e.g. to start a generator's output bias."""
         return self._split("train").images.mean(dim=0)
 
+    def to_display(self, images: Tensor) -> Tensor:
+        """Map images from data space to [0, 1] for display (datasets with non-pixel preprocessing override)."""
+        return images.clamp(0, 1)
+
     def _dataloader(self, split: str) -> DataLoader:
         data = self._split(split)
         return DataLoader(

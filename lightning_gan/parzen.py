@@ -40,9 +40,13 @@ def _check_points(name: str, t: Tensor, fix_dims: str = "flatten it with .flatte
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (points, features), got shape {tuple(t.shape)}; {fix_dims}.")
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one point with at least one feature.")
+        raise ValueError(
+            f"{name} is empty (shape {tuple(t.shape)}); pass at least one point with at least one feature."
+        )
     if not t.is_floating_point():
-        raise ValueError(f"{name} has dtype {t.dtype}; pass floating-point data in the model's scale (e.g. x.float() / 255).")
+        raise ValueError(
+            f"{name} has dtype {t.dtype}; pass floating-point data in the model's scale (e.g. x.float() / 255)."
+        )
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf values; remove or replace them (e.g. torch.nan_to_num).")
@@ -266,8 +270,9 @@ class ParzenLogLikelihood(Metric):
     count: Tensor
     samples: Tensor
 
-    def __init__(self, samples: Tensor, sigma: float, *, chunk_x: int | None = None, chunk_y: int | None = None,
-                 **kwargs: object) -> None:  # fmt: skip
+    def __init__(
+        self, samples: Tensor, sigma: float, *, chunk_x: int | None = None, chunk_y: int | None = None, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if not isinstance(samples, Tensor) or samples.ndim < 2:
             shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
