@@ -1,0 +1,53 @@
+"""Shared fixtures: MNIST written in its real on-disk format, and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_gan.datasets import MNIST_FILES
+
+REAL_DATA_ROOT = Path(
+    os.environ.get("LIGHTNING_GAN_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """Write ``array`` (uint8) as an IDX file: big-endian magic, one big-endian int32 per dimension, raw bytes."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_fake_mnist(root: Path, seed: int = 0) -> Path:
+    """Write the four MNIST IDX files (full size, smooth random blobs) under ``root/MNIST/raw``; return ``root``."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for name, (magic, shape) in MNIST_FILES.items():
+        if len(shape) == 1:
+            data = rng.integers(0, 10, size=shape, dtype=np.uint8)
+        else:
+            # Gaussian blobs at 256 positions, drawn at random: varied images, pixels in [0, 255]
+            centres = rng.uniform(8, 20, size=(256, 2, 1, 1))
+            blobs = (255 * np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / 18.0)).astype(np.uint8)
+            data = blobs[rng.integers(0, len(blobs), size=shape[0])]
+        write_idx(raw / name, data, magic)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding ``MNIST/raw`` with synthetic data in the real IDX format."""
+    return write_fake_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture
+def real_mnist_root() -> Path:
+    """The folder holding the real ``MNIST/raw`` files; skips the test when it is absent."""
+    if not (REAL_DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"real MNIST not found under {REAL_DATA_ROOT} (set LIGHTNING_GAN_DATA_ROOT)")
+    return REAL_DATA_ROOT
