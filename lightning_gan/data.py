@@ -9,24 +9,42 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan.datasets import Split, Splits, load_mnist
+from lightning_gan.datasets import (
+    TFD_FOLDS,
+    Split,
+    Splits,
+    global_contrast_normalize,
+    load_cifar10,
+    load_mnist,
+    load_tfd,
+)
 
 DatasetName = Literal["mnist", "tfd", "cifar10"]
-_LOADERS = {"mnist": load_mnist}
+Preprocessing = Literal["scale", "gcn"]
+TFDTrainSet = Literal["unlabeled", "train", "full_train"]
+_LOADERS = {"mnist": load_mnist, "tfd": load_tfd, "cifar10": load_cifar10}
 
 
 class GANDataModule(LightningDataModule):
     """MNIST, TFD or CIFAR-10 with the paper's splits; batches are ``(images (B, C, H, W), labels (B,))``.
 
     Args:
-        dataset: ``"mnist"`` (train[0:50000] / train[50000:60000] / official test, pixels in [0, 1]).
-        data_dir: folder holding the dataset in torchvision's layout (``<data_dir>/MNIST/raw/...``).
-        batch_size: examples per batch on each device (the authors: 100).
+        dataset: ``"mnist"`` (train[0:50000] / train[50000:60000] / official test, ``(1, 28, 28)``),
+            ``"cifar10"`` (train[0:40000] / train[40000:50000] / official test, ``(3, 32, 32)``) or ``"tfd"`` (one
+            fold: ``tfd_train_set`` rows / ``valid`` rows / ``test`` rows, ``(1, s, s)``).
+        data_dir: folder holding the dataset: ``MNIST/raw/`` (IDX files), ``cifar-10-batches-py/`` (python
+            batches) or ``TFD_48x48.mat`` / ``TFD_96x96.mat`` (obtained from the TFD owners).
+        batch_size: examples per batch on each device (the authors: 100; 128 for the convolutional CIFAR-10 model).
         num_workers: DataLoader worker processes (the data is in memory: 0 is usually fastest).
-        download: download missing files where the internet is reachable.
+        download: download missing MNIST or CIFAR-10 files where the internet is reachable (TFD cannot be).
+        preprocessing: ``"scale"``: pixels in [0, 1]; ``"gcn"``: the authors' global contrast normalisation of
+            each image (subtract its mean, divide by its L2 norm, times 55), as for CIFAR-10.
+        fold: TFD fold, 0-4.
+        tfd_train_set: TFD rows to train on: ``unlabeled`` (the authors), ``train`` or ``full_train`` (train+valid).
+        tfd_image_size: 48 or 96 (reads ``TFD_48x48.mat`` or ``TFD_96x96.mat``).
 
     Raises:
-        ValueError: for an unknown dataset or a non-positive batch size.
+        ValueError: for an unknown dataset or preprocessing, a non-positive batch size, or bad TFD arguments.
     """
 
     def __init__(
@@ -36,6 +54,10 @@ class GANDataModule(LightningDataModule):
         batch_size: int = 100,
         num_workers: int = 0,
         download: bool = True,
+        preprocessing: Preprocessing = "scale",
+        fold: int = 0,
+        tfd_train_set: TFDTrainSet = "unlabeled",
+        tfd_image_size: Literal[48, 96] = 48,
     ) -> None:
         super().__init__()
         if dataset not in _LOADERS:
@@ -46,24 +68,46 @@ class GANDataModule(LightningDataModule):
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
         if num_workers < 0:
             raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}.")
+        if preprocessing not in ("scale", "gcn"):
+            raise ValueError(f"Expected `preprocessing` to be 'scale' or 'gcn', but got {preprocessing!r}.")
+        if not isinstance(fold, int) or not 0 <= fold < TFD_FOLDS:
+            raise ValueError(f"Expected `fold` in 0-{TFD_FOLDS - 1} (TFD has {TFD_FOLDS} folds), but got {fold!r}.")
+        if tfd_train_set not in ("unlabeled", "train", "full_train"):
+            raise ValueError(
+                f"Expected `tfd_train_set` to be 'unlabeled', 'train' or 'full_train', but got {tfd_train_set!r}."
+            )
+        if tfd_image_size not in (48, 96):
+            raise ValueError(f"Expected `tfd_image_size` to be 48 or 96, but got {tfd_image_size!r}.")
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.download = download
+        self.preprocessing = preprocessing
+        self.fold, self.tfd_train_set, self.tfd_image_size = fold, tfd_train_set, tfd_image_size
         self.splits: Splits | None = None
 
     def prepare_data(self) -> None:
-        # Runs on one process per node before `setup`: downloads (if allowed) and validates the files.
-        self._load()
+        # Runs on one process per node before `setup`: downloads (if allowed) and validates the files. The splits are
+        # kept, so that this process does not read them twice; the others read them in `setup`.
+        if self.splits is None:
+            self.splits = self._load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self._load()
 
     def _load(self) -> Splits:
-        return _LOADERS[self.dataset](self.data_dir, download=self.download)
+        if self.dataset == "tfd":
+            splits = load_tfd(self.data_dir, self.fold, self.tfd_train_set, self.tfd_image_size)
+        else:
+            splits = _LOADERS[self.dataset](self.data_dir, download=self.download)
+        if self.preprocessing == "gcn":
+            splits = Splits(
+                *(Split(global_contrast_normalize(s.images), s.labels) for s in (splits.train, splits.val, splits.test))
+            )
+        return splits
 
     def _split(self, name: str) -> Split:
         if self.splits is None:
@@ -75,7 +119,15 @@ class GANDataModule(LightningDataModule):
         return self._split("train").images.mean(dim=0)
 
     def to_display(self, images: Tensor) -> Tensor:
-        """Map images from data space to [0, 1] for display (datasets with non-pixel preprocessing override)."""
+        """Map images ``(B, C, H, W)`` from data space to [0, 1] for display.
+
+        Pixels are clamped to [0, 1]. GCN cannot be inverted (each image's mean and norm are gone), so GCN images
+        are shown as the authors' CIFAR-10 viewer did: each divided by its largest absolute value, then mapped from
+        [-1, 1] to [0, 1].
+        """
+        if self.preprocessing == "gcn":
+            peak = images.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # (B, 1, 1, 1)
+            return (images / peak + 1) / 2
         return images.clamp(0, 1)
 
     def _dataloader(self, split: str) -> DataLoader:

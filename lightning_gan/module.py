@@ -129,16 +129,9 @@ class GAN(LightningModule):
     def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
         """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps."""
         optimizers = [
-            self.discriminator_optimizer(self.discriminator.parameters()),
-            self.generator_optimizer(self.generator.parameters()),
+            self._make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
+            self._make_optimizer("generator", self.generator_optimizer, self.generator),
         ]
-        for name, optimizer in zip(("discriminator", "generator"), optimizers):
-            for group in optimizer.param_groups:
-                if not group["lr"] > 0:
-                    raise ValueError(
-                        f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; "
-                        f"set `{name}_optimizer.init_args.lr` to a value > 0."
-                    )
         schedulers: list[Any] = []
         if self.lr_decay != 1:
             schedulers += [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers]
@@ -148,6 +141,22 @@ class GAN(LightningModule):
                 for opt in optimizers
             ]
         return optimizers, schedulers
+
+    @staticmethod
+    def _make_optimizer(name: str, factory: Any, network: nn.Module) -> Optimizer:
+        fix = f"set `{name}_optimizer.init_args.lr` (--model.init_args.{name}_optimizer.init_args.lr) to a value > 0"
+        try:
+            optimizer = factory(network.parameters())
+        except ValueError as err:  # torch's own check, e.g. "Invalid learning rate: -0.1"
+            raise ValueError(
+                f"The {name} optimizer rejected its arguments ({err}): expected a positive learning rate; {fix}."
+            ) from err
+        for group in optimizer.param_groups:
+            if not group["lr"] > 0:
+                raise ValueError(
+                    f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; {fix}."
+                )
+        return optimizer
 
     def _schedulers_of(self, optimizer: Optimizer, kind: type) -> list[Any]:
         schedulers = self.lr_schedulers()
@@ -184,6 +193,10 @@ class GAN(LightningModule):
         self.generator.init_output_bias(pixel_mean())
 
     def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
+            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients).
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         self._d_decay = self._schedulers_of(self._optimizer(0), ExponentialDecay)
         self._g_decay = self._schedulers_of(self._optimizer(1), ExponentialDecay)
 

@@ -70,7 +70,7 @@ class MomentumRamp:
         return initial + alpha * (self.final_momentum - initial)
 
     def _apply(self) -> None:
-        for group, initial in zip(self.optimizer.param_groups, self.initial_momenta):
+        for group, initial in zip(self.optimizer.param_groups, self.initial_momenta, strict=True):
             group["momentum"] = self.momentum(initial)
 
     def step(self) -> None:

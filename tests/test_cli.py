@@ -1,0 +1,98 @@
+"""The `lightning-gan` command: fit from the shipped config, --print_config round trip, --help, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_gan.cli import build_cli, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_NETS = [
+    "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
+    "--model.init_args.discriminator.init_args.units=[8,8]",
+]
+
+
+def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(CONFIGS / "mnist.yaml"), f"--data.init_args.data_dir={data_dir}",
+        f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.max_steps=4", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu", *TINY_NETS, *extra,
+    ]  # fmt: skip
+
+
+def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
+    cli = build_cli(fit_args(mnist_root, tmp_path))
+    assert cli.trainer.global_step == 4
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert len(checkpoints) == 1
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    # the config's numbers reached the module
+    gan = cli.model
+    assert gan.schedule == "simultaneous" and gan.k == 1 and gan.lr_decay == 1.000004
+    assert gan.generator.noise == "uniform" and gan.generator.net[0].out_features == 16
+    # the output bias came from the training marginals
+    pixel_mean = cli.datamodule.pixel_mean().flatten().double().clamp(1e-7, 1 - 1e-7)
+    assert gan.generator.output_layer.bias.shape == pixel_mean.shape
+
+
+def test_test_subcommand_restores_a_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
+    build_cli(fit_args(mnist_root, tmp_path))
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    args = fit_args(mnist_root, tmp_path)
+    args[0] = "test"
+    cli = build_cli(
+        [
+            *args[:1],
+            *[a for a in args[1:] if not a.startswith(("--trainer.max_steps",))],
+            f"--ckpt_path={ckpt}",
+            "--trainer.limit_test_batches=2",
+        ]
+    )
+    assert "test/d_loss" in cli.trainer.callback_metrics
+
+
+def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "mnist.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "lightning_gan.MLPGenerator" in printed and "1.000004" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.init_args.k=0", "positive integer"),
+        ("--model.init_args.generator_loss=hinge", "generator_loss"),
+        ("--model.init_args.schedule=sometimes", "schedule"),
+        ("--data.init_args.dataset=imagenet", "dataset"),
+        ("--model.init_args.discriminator_optimizer.init_args.lr=-0.1", "positive learning rate"),
+    ],
+)
+def test_bad_input_fails_before_training(
+    override: str, message: str, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises((SystemExit, ValueError)) as error:
+        build_cli(fit_args(mnist_root, tmp_path, override))
+    text = str(error.value) + capsys.readouterr().err
+    assert message in text
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_console_entry_point_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_gan", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0
+    assert "fit" in result.stdout and "test" in result.stdout

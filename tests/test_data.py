@@ -1,0 +1,76 @@
+"""GANDataModule over MNIST: the authors' split, value range, clear errors for missing or corrupt files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_gan import GANDataModule
+from lightning_gan.datasets import MNIST_FILES
+
+
+def test_mnist_split_shapes_and_range(mnist_root: Path) -> None:
+    dm = GANDataModule("mnist", data_dir=mnist_root, batch_size=100, download=False)
+    dm.setup("fit")
+    assert (len(dm.splits.train), len(dm.splits.val), len(dm.splits.test)) == (50000, 10000, 10000)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (100, 1, 28, 28) and images.dtype == torch.float32 and labels.shape == (100,)
+    assert images.min() >= 0 and images.max() <= 1
+    assert len(dm.train_dataloader()) == 500 and len(dm.val_dataloader()) == 100 and len(dm.test_dataloader()) == 100
+    assert dm.pixel_mean().shape == (1, 28, 28)
+
+
+def test_val_is_the_tail_of_the_official_training_file(mnist_root: Path) -> None:
+    raw = (mnist_root / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()[16:]
+    image_50000 = torch.frombuffer(bytearray(raw[50000 * 784 : 50001 * 784]), dtype=torch.uint8).float() / 255
+    dm = GANDataModule(data_dir=mnist_root, download=False)
+    dm.setup()
+    torch.testing.assert_close(dm.splits.val.images[0].flatten(), image_50000)
+
+
+def copy_mnist(mnist_root: Path, tmp_path: Path) -> Path:
+    shutil.copytree(mnist_root / "MNIST", tmp_path / "MNIST")
+    return tmp_path / "MNIST" / "raw"
+
+
+def test_missing_files_name_the_folder_and_the_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as error:
+        GANDataModule(data_dir=tmp_path, download=False).prepare_data()
+    message = str(error.value)
+    assert str((tmp_path / "MNIST" / "raw").resolve()) in message
+    assert all(name in message for name in MNIST_FILES)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "truncated or corrupt"),
+        (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "magic number 2049"),
+        (lambda p: p.write_bytes(p.read_bytes()[:10]), "shorter than an IDX header"),
+    ],
+)
+def test_corrupt_idx_files_are_named(mnist_root: Path, tmp_path: Path, corrupt, message: str) -> None:
+    raw = copy_mnist(mnist_root, tmp_path)
+    corrupt(raw / "train-images-idx3-ubyte")
+    with pytest.raises(ValueError, match=message) as error:
+        GANDataModule(data_dir=tmp_path, download=False).setup()
+    assert "train-images-idx3-ubyte" in str(error.value)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="Unknown dataset 'svhn'"):
+        GANDataModule("svhn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        GANDataModule(batch_size=0)
+
+
+def test_real_mnist(real_mnist_root: Path) -> None:
+    dm = GANDataModule(data_dir=real_mnist_root, download=False)
+    dm.setup()
+    assert (len(dm.splits.train), len(dm.splits.val), len(dm.splits.test)) == (50000, 10000, 10000)
+    # known facts about real MNIST: mean pixel ~0.13, labels 0-9 all present
+    assert dm.splits.train.images.mean().item() == pytest.approx(0.1307, abs=0.002)
+    assert dm.splits.test.labels.unique().tolist() == list(range(10))

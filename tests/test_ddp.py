@@ -1,0 +1,59 @@
+"""Two CPU processes (gloo) under plain `strategy="ddp_spawn"`: no unused-parameter error, identical weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
+
+
+class SaveRankState(Callback):
+    """Each rank saves its weights and the first noise it drew, for the parent process to compare."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            state = torch.random.get_rng_state()
+            self.noise = pl_module.generator.sample_noise(4, pl_module.device)
+            torch.random.set_rng_state(state)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(
+            {"state_dict": pl_module.state_dict(), "noise": self.noise, "global_step": trainer.global_step},
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def tiny_gan(schedule: str, k: int) -> GAN:
+    generator = MLPGenerator(noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2))
+    discriminator = MaxoutDiscriminator(in_shape=(1, 2, 2), units=(6,), pieces=2)
+    return GAN(generator, discriminator, schedule=schedule, k=k)
+
+
+@pytest.mark.parametrize(("schedule", "k"), [("alternating", 2), ("simultaneous", 1)])
+def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int) -> None:
+    data = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveRankState(tmp_path)],
+    )
+    trainer.fit(tiny_gan(schedule, k), DataLoader(TensorDataset(data), batch_size=4))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == 8  # 64 examples / 2 ranks / batch 4
+    assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank draws its own noise
+    for name, tensor in rank0["state_dict"].items():
+        torch.testing.assert_close(tensor, rank1["state_dict"][name], rtol=0, atol=0, msg=name)

@@ -1,0 +1,263 @@
+"""The GAN module: losses, update counting under each schedule, step semantics, schedules, bad input, subclassing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gan import GAN, ExponentialDecay, MaxoutDiscriminator, MLPGenerator, MomentumRamp
+
+
+def tiny_gan(keep_prob: float = 0.5, **kwargs) -> GAN:
+    generator = MLPGenerator(
+        noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2), output_bias_from_data=False
+    )
+    discriminator = MaxoutDiscriminator(
+        in_shape=(1, 2, 2), units=(6,), pieces=2, input_keep_prob=keep_prob, hidden_keep_prob=keep_prob
+    )
+    return GAN(generator, discriminator, **kwargs)
+
+
+def loader(n_batches: int = 12, batch_size: int = 5) -> DataLoader:
+    data = torch.rand(n_batches * batch_size, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(data), batch_size=batch_size)
+
+
+def trainer(**kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+class CountParameterChanges(Callback):
+    """Counts, batch by batch, how often each network's parameters changed."""
+
+    def __init__(self) -> None:
+        self.changes = {"generator": 0, "discriminator": 0}
+
+    def _snapshot(self, pl_module: GAN) -> dict[str, Tensor]:
+        return {
+            name: torch.cat([p.detach().flatten().clone() for p in getattr(pl_module, name).parameters()])
+            for name in self.changes
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = self._snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = self._snapshot(pl_module)
+        for name in self.changes:
+            self.changes[name] += int(not torch.equal(self._before[name], after[name]))
+
+
+@pytest.mark.parametrize(
+    ("k", "schedule", "expected_g"), [(1, "alternating", 12), (3, "alternating", 4), (1, "simultaneous", 12)]
+)
+def test_update_counts_follow_the_schedule(k: int, schedule: str, expected_g: int) -> None:
+    counter = CountParameterChanges()
+    gan = tiny_gan(k=k, schedule=schedule)
+    t = trainer(callbacks=[counter])
+    t.fit(gan, loader(12))
+    assert counter.changes == {"discriminator": 12, "generator": expected_g}
+    assert t.global_step == 12  # global_step counts batches (= discriminator updates), not optimizer steps
+    assert gan.generator_updates == expected_g
+
+
+def test_max_steps_counts_training_batches_for_every_k() -> None:
+    counter = CountParameterChanges()
+    t = trainer(callbacks=[counter], max_steps=7, max_epochs=-1)
+    t.fit(tiny_gan(k=2), loader(12))
+    assert t.global_step == 7
+    assert counter.changes == {"discriminator": 7, "generator": 3}
+
+
+def test_alternating_generator_update_uses_the_freshly_updated_discriminator() -> None:
+    # with k = 1, the generator step of batch t sees D after its update on batch t: recompute it by hand
+    torch.manual_seed(0)
+    gan = tiny_gan(keep_prob=1.0, k=1, lr_decay=1.0, momentum_final=None)  # no dropout: deterministic D
+    real = torch.rand(5, 1, 2, 2)
+    g0 = {k: v.clone() for k, v in gan.generator.state_dict().items()}
+    d0 = {k: v.clone() for k, v in gan.discriminator.state_dict().items()}
+
+    torch.manual_seed(1)
+    t = trainer(max_steps=1)
+    t.fit(gan, DataLoader(TensorDataset(real), batch_size=5))
+
+    torch.manual_seed(1)
+    g, d = tiny_gan().generator, tiny_gan(keep_prob=1.0).discriminator
+    g.load_state_dict(g0)
+    d.load_state_dict(d0)
+    d_opt, g_opt = (
+        torch.optim.SGD(d.parameters(), lr=0.1, momentum=0.5),
+        torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.5),
+    )
+    with torch.no_grad():
+        fake = g(g.sample_noise(5))
+    d_loss = 0.5 * (nn.functional.softplus(-d(real)).mean() + nn.functional.softplus(d(fake)).mean())
+    d_opt.zero_grad()
+    d_loss.backward()
+    d_opt.step()
+    g_loss = nn.functional.softplus(-d(g(g.sample_noise(5)))).mean()
+    g_opt.zero_grad()
+    g_loss.backward()
+    g_opt.step()
+    for a, b in zip(gan.generator.parameters(), g.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(gan.discriminator.parameters(), d.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_losses_match_their_closed_forms() -> None:
+    gan = tiny_gan()
+    real_logits, fake_logits = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-0.3, 1.2, 0.0])
+    d_real, d_fake = torch.sigmoid(real_logits), torch.sigmoid(fake_logits)
+    expected_d = 0.5 * (-torch.log(d_real).mean() - torch.log(1 - d_fake).mean())
+    torch.testing.assert_close(gan.discriminator_loss(real_logits, fake_logits), expected_d)
+    torch.testing.assert_close(gan.generator_loss_fn(fake_logits), -torch.log(d_fake).mean())
+    minimax = tiny_gan(generator_loss="minimax")
+    torch.testing.assert_close(minimax.generator_loss_fn(fake_logits), torch.log(1 - d_fake).mean())
+    # stable from logits where the probability form overflows
+    assert torch.isfinite(gan.discriminator_loss(torch.tensor([-200.0]), torch.tensor([200.0])))
+
+
+def test_schedules_follow_the_authors_formulas() -> None:
+    params = [nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.5)
+    decay = ExponentialDecay(opt, decay_factor=1.000004, min_lr=1e-6)
+    for _ in range(1000):
+        opt.step()
+        decay.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 1.000004**1000, rel=1e-12)
+    floor = ExponentialDecay(torch.optim.SGD(params, lr=0.1), decay_factor=2.0, min_lr=1e-3)
+    for _ in range(20):
+        floor.step()
+    assert floor.optimizer.param_groups[0]["lr"] == 1e-3
+
+    ramp = MomentumRamp(opt, final_momentum=0.7, start_epoch=1, saturate_epoch=250)
+    momenta = [opt.param_groups[0]["momentum"]]
+    for _ in range(300):
+        ramp.step()
+        momenta.append(opt.param_groups[0]["momentum"])
+    # momenta[e] is the momentum during 1-based epoch e + 1
+    assert momenta[0] == 0.5
+    assert momenta[1] == pytest.approx(0.5 + 0.2 / 249)
+    assert momenta[248] < 0.7
+    assert momenta[249] == pytest.approx(0.7)
+    assert momenta[299] == pytest.approx(0.7)
+    state = ramp.state_dict()
+    restored = MomentumRamp(torch.optim.SGD(params, lr=0.1, momentum=0.5), final_momentum=0.7)
+    restored.load_state_dict(state)
+    assert restored.optimizer.param_groups[0]["momentum"] == pytest.approx(0.7)
+
+
+def test_gan_steps_the_schedules_per_update_and_per_epoch() -> None:
+    gan = tiny_gan(k=2, momentum_final=0.7, momentum_saturate_epoch=3)
+    t = trainer(max_epochs=2)
+    t.fit(gan, loader(4))
+    d_opt, g_opt = (o.optimizer if hasattr(o, "optimizer") else o for o in t.optimizers)
+    assert d_opt.param_groups[0]["lr"] == pytest.approx(0.1 / 1.000004**8)  # 8 discriminator updates
+    assert g_opt.param_groups[0]["lr"] == pytest.approx(0.1 / 1.000004**4)  # 4 generator updates
+    assert d_opt.param_groups[0]["momentum"] == pytest.approx(0.7)  # epoch 3 reached after two epochs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "`k` to be a positive integer"),
+        ({"k": 2, "schedule": "simultaneous"}, "`k` must be 1"),
+        ({"schedule": "sometimes"}, "`schedule`"),
+        ({"generator_loss": "hinge"}, "`generator_loss`"),
+        ({"lr_decay": 0.5}, "`lr_decay`"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tiny_gan(**kwargs)
+
+
+def test_non_positive_learning_rate_is_rejected_before_training() -> None:
+    gan = tiny_gan(discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    counter = CountParameterChanges()
+    with pytest.raises(ValueError, match="positive learning rate for the discriminator"):
+        trainer(callbacks=[counter]).fit(gan, loader(2))
+    assert counter.changes == {"generator": 0, "discriminator": 0}
+
+
+def test_momentum_ramp_needs_an_optimizer_with_momentum() -> None:
+    gan = tiny_gan(generator_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    with pytest.raises(ValueError, match="momentum_final: null"):
+        trainer().fit(gan, loader(2))
+    trainer().fit(tiny_gan(generator_optimizer=lambda p: torch.optim.Adam(p), momentum_final=None), loader(2))
+
+
+def test_a_generator_without_the_contract_is_rejected() -> None:
+    with pytest.raises(TypeError, match="sample_noise"):
+        GAN(nn.Linear(2, 2), MaxoutDiscriminator(in_shape=(1, 2, 2), units=(2,), pieces=2))
+
+
+class UserGenerator(nn.Module):
+    """A generator written from scratch by a user, following only the documented contract."""
+
+    noise_dim = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+
+    def sample_noise(self, n: int, device=None) -> Tensor:
+        return torch.randn(n, self.noise_dim, device=device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(z).view(-1, 1, 2, 2)
+
+
+class LeastSquaresGAN(GAN):
+    """A subclass that swaps both losses (least-squares GAN), as the README shows."""
+
+    calls = 0
+
+    def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        LeastSquaresGAN.calls += 1
+        return 0.5 * ((real_logits - 1) ** 2).mean() + 0.5 * (fake_logits**2).mean()
+
+    def generator_loss_fn(self, fake_logits: Tensor) -> Tensor:
+        return 0.5 * ((fake_logits - 1) ** 2).mean()
+
+
+def test_user_networks_and_loss_overrides_drive_training() -> None:
+    user_d = nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0))
+    gan = LeastSquaresGAN(UserGenerator(), user_d, k=2, lr_decay=1.0, momentum_final=None)
+    counter = CountParameterChanges()
+    trainer(callbacks=[counter]).fit(gan, loader(6))
+    assert counter.changes == {"discriminator": 6, "generator": 3}
+    assert LeastSquaresGAN.calls >= 6
+    samples = gan.sample(7)
+    assert samples.shape == (7, 1, 2, 2)
+    assert gan.training and gan.generator.training  # sample() restores the mode
+
+
+def test_sample_is_in_eval_mode_without_gradients() -> None:
+    gan = tiny_gan()
+    out = gan.sample(4)
+    assert out.shape == (4, 1, 2, 2) and not out.requires_grad
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_validation_logs_losses_reproducibly() -> None:
+    gan = tiny_gan()
+    t = trainer(limit_train_batches=2)
+    metrics = t.validate(gan, loader(3), verbose=False)[0]
+    assert set(metrics) == {"val/d_loss", "val/g_loss", "val/d_real", "val/d_fake"}
+    assert math.isfinite(metrics["val/d_loss"])
+    assert t.validate(gan, loader(3), verbose=False)[0] == metrics  # noise seeded per batch: same numbers
