@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,20 @@ def test_console_entry_point_help() -> None:
     )
     assert result.returncode == 0
     assert "fit" in result.stdout and "test" in result.stdout
+
+
+def test_readme_subclassing_example_runs_through_the_cli(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (CONFIGS.parent / "README.md").read_text()
+    module_code = re.search(r"```python\n# my_gan.py\n(.*?)```", readme, re.S).group(1)
+    user_yaml = re.search(r"```yaml\n# my.yaml[^\n]*\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_gan.py").write_text(module_code)
+    (tmp_path / "my.yaml").write_text(user_yaml)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = fit_args(mnist_root, tmp_path, "--config", str(tmp_path / "my.yaml"))
+    args = [a for a in args if not a.startswith("--model.init_args.generator.init_args")]
+    cli = build_cli(args)
+    assert type(cli.model).__name__ == "LeastSquaresGAN"
+    assert type(cli.model.generator).__name__ == "ConvGenerator"
+    assert cli.trainer.global_step == 4

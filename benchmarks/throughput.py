@@ -1,0 +1,185 @@
+"""Training throughput of a config through lightning-gan against plain PyTorch loops doing the same math.
+
+    python benchmarks/throughput.py --config configs/mnist.yaml --data-dir ../shared/datasets
+
+Prints steps/s (training batches per second, median of ``--repeats`` interleaved runs) of:
+
+* ``plain (same math)``: a hand-written loop with the same update as ``GAN`` in the config's schedule,
+* ``plain (authors' graph)``: for the simultaneous schedule, one forward of D on the fake batch and two
+  ``autograd.grad`` calls, as the authors' Theano graph (not DDP-compatible; for reference),
+* ``lightning-gan``: ``Trainer.fit`` of the config's model and datamodule (logging on, checkpointing off),
+
+and the ratio of lightning-gan to the same-math loop. Data sits in memory for every variant; batch size comes from
+the config. Without MNIST files a synthetic dataset in the real format is used (said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from lightning_gan.cli import build_cli  # noqa: E402
+
+
+class StepTimer(Callback):
+    """Times training batches after ``warmup`` of them."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.steps_per_s = (trainer.global_step - self.warmup) / (time.perf_counter() - self.start)
+
+
+def load(config: Path, data_dir: Path):
+    cli = build_cli(["--config", str(config), f"--data.init_args.data_dir={data_dir}"], run=False)
+    cli.datamodule.setup("fit")
+    return cli
+
+
+def lightning_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str) -> float:
+    cli = load(config, data_dir)
+    timer = StepTimer(warmup)
+    trainer = Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps + warmup,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        default_root_dir=tempfile.mkdtemp(),
+    )
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    return timer.steps_per_s
+
+
+def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str, graph: str) -> float:
+    cli = load(config, data_dir)
+    gan, dm = cli.model.to(device), cli.datamodule
+    g, d = gan.generator, gan.discriminator
+    g.init_output_bias(dm.pixel_mean())
+    data = dm.splits.train.images.to(device)
+    batch = dm.batch_size
+    d_opt = torch.optim.SGD(d.parameters(), lr=0.1, momentum=0.5)
+    g_opt = torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.5)
+    decays = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: max(1.000004**-t, 1e-5)) for o in (d_opt, g_opt)]
+    simultaneous = gan.schedule == "simultaneous"
+    d_params = list(d.parameters())
+    g_params = list(g.parameters())
+    order = torch.randperm(len(data), device=device)
+    for step in range(steps + warmup):
+        if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        i = (step * batch) % (len(data) - batch + 1)
+        real = data[order[i : i + batch]]
+        z = g.sample_noise(batch, device)
+        if simultaneous and graph == "authors":
+            fake = g(z)
+            real_logits, fake_logits = d(real), d(fake)
+            d_loss = 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+            g_loss = F.softplus(-fake_logits).mean()
+            d_grads = torch.autograd.grad(d_loss, d_params, retain_graph=True)
+            g_grads = torch.autograd.grad(g_loss, g_params)
+            for p, grad in zip(d_params + g_params, d_grads + g_grads):
+                p.grad = grad
+            d_opt.step()
+            g_opt.step()
+        elif simultaneous:
+            fake = g(z)
+            d_loss = 0.5 * (F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean())
+            for p in d_params:
+                p.requires_grad_(False)
+            g_loss = F.softplus(-d(fake)).mean()
+            for p in d_params:
+                p.requires_grad_(True)
+            d_opt.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
+            (d_loss + g_loss).backward()
+            d_opt.step()
+            g_opt.step()
+        else:
+            with torch.no_grad():
+                fake = g(z)
+            d_loss = 0.5 * (F.softplus(-d(real)).mean() + F.softplus(d(fake)).mean())
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            if (step + 1) % gan.k == 0:
+                for p in d_params:
+                    p.requires_grad_(False)
+                g_loss = F.softplus(-d(g(g.sample_noise(batch, device)))).mean()
+                for p in d_params:
+                    p.requires_grad_(True)
+                g_opt.zero_grad(set_to_none=True)
+                g_loss.backward()
+                g_opt.step()
+        for decay in decays:
+            decay.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist.yaml")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    data_dir = args.data_dir
+    if not (data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        from conftest import write_fake_mnist
+
+        data_dir = write_fake_mnist(Path(tempfile.mkdtemp()))
+        print(f"MNIST not found under {args.data_dir}: using synthetic data in the IDX format ({data_dir})")
+    runs: dict[str, list[float]] = {"plain (same math)": [], "lightning-gan": []}
+    if load(args.config, data_dir).model.schedule == "simultaneous":
+        runs["plain (authors' graph)"] = []
+    for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit every variant alike
+        torch.manual_seed(0)
+        runs["plain (same math)"].append(
+            plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, "same")
+        )
+        if "plain (authors' graph)" in runs:
+            runs["plain (authors' graph)"].append(
+                plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, "authors")
+            )
+        torch.manual_seed(0)
+        runs["lightning-gan"].append(lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.config.name} on {device_name}: {args.steps} timed steps after {args.warmup}, {args.repeats} repeats")
+    print("| variant | steps/s (median) | runs |")
+    print("|---|---|---|")
+    for name, values in runs.items():
+        print(f"| {name} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    ratio = statistics.median(runs["lightning-gan"]) / statistics.median(runs["plain (same math)"])
+    print(f"\nlightning-gan / plain (same math): {ratio:.2f}x (target >= 0.9x)")
+
+
+if __name__ == "__main__":
+    main()
