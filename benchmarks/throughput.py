@@ -172,7 +172,7 @@ def main() -> None:
         runs["lightning-gan"].append(lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.config.name} on {device_name}: {args.steps} timed steps after {args.warmup}, {args.repeats} repeats")
+    print(f"\n{args.config.name} on {device_name}: {args.steps} timed steps after {args.warmup}, {args.repeats} runs")
     print("| variant | steps/s (median) | runs |")
     print("|---|---|---|")
     for name, values in runs.items():

@@ -261,3 +261,30 @@ def test_validation_logs_losses_reproducibly() -> None:
     assert set(metrics) == {"val/d_loss", "val/g_loss", "val/d_real", "val/d_fake"}
     assert math.isfinite(metrics["val/d_loss"])
     assert t.validate(gan, loader(3), verbose=False)[0] == metrics  # noise seeded per batch: same numbers
+
+
+def test_simultaneous_update_equals_the_authors_single_graph_without_dropout() -> None:
+    # the authors' Theano graph: one forward, grad of d_obj w.r.t. D and of g_obj w.r.t. G, both from D's current
+    # parameters; without dropout the module's two-pass formulation must give the very same update
+    torch.manual_seed(0)
+    gan = tiny_gan(keep_prob=1.0, schedule="simultaneous", lr_decay=1.0, momentum_final=None)
+    real = torch.rand(5, 1, 2, 2)
+    g, d = tiny_gan().generator, tiny_gan(keep_prob=1.0).discriminator
+    g.load_state_dict(gan.generator.state_dict())
+    d.load_state_dict(gan.discriminator.state_dict())
+
+    torch.manual_seed(1)
+    trainer(max_steps=1).fit(gan, DataLoader(TensorDataset(real), batch_size=5))
+
+    torch.manual_seed(1)
+    fake = g(g.sample_noise(5))
+    real_logits, fake_logits = d(real), d(fake)
+    d_loss = 0.5 * (nn.functional.softplus(-real_logits).mean() + nn.functional.softplus(fake_logits).mean())
+    g_loss = nn.functional.softplus(-fake_logits).mean()
+    d_grads = torch.autograd.grad(d_loss, list(d.parameters()), retain_graph=True)
+    g_grads = torch.autograd.grad(g_loss, list(g.parameters()))
+    with torch.no_grad():
+        for p, grad in zip([*d.parameters(), *g.parameters()], [*d_grads, *g_grads]):
+            p -= 0.1 * grad  # first SGD step: the momentum buffer is the gradient itself
+    for a, b in zip([*gan.discriminator.parameters(), *gan.generator.parameters()], [*d.parameters(), *g.parameters()]):
+        torch.testing.assert_close(a, b)
