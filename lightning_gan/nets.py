@@ -7,12 +7,13 @@ Layer sizes, activations and initialisations follow the authors' pylearn2 config
   per-pixel marginals.
 * :class:`MaxoutDiscriminator`: maxout layers with (inverted) dropout on their inputs and a single logit.
 
-The convolutional CIFAR-10 networks live beside them once added. Every network that has weight constraints
+The convolutional CIFAR-10 pair lives in :mod:`lightning_gan.conv_nets`. Every network that has weight constraints
 exposes ``apply_constraints()``, which :class:`~lightning_gan.GAN` calls after each update of that network.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -47,12 +48,23 @@ def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list
     return values
 
 
-def _init_uniform_(linear: nn.Linear, init_range: float, bias: float = 0.0) -> None:
+def _init_uniform_(linear: nn.Linear | nn.Conv2d | nn.ConvTranspose2d, init_range: float, bias: float = 0.0) -> None:
     """pylearn2's ``irange`` initialisation: weights U(-init_range, init_range), constant bias."""
     if init_range < 0:
         raise ValueError(f"Expected an init range >= 0, but got {init_range}.")
     nn.init.uniform_(linear.weight, -init_range, init_range)
     nn.init.constant_(linear.bias, bias)
+
+
+@torch.no_grad()
+def _sparse_init_(linear: nn.Linear, num_nonzero: int) -> None:
+    """pylearn2's ``sparse_init``: each unit gets ``num_nonzero`` distinct random inputs with N(0, 1) weights."""
+    if not 1 <= num_nonzero <= linear.in_features:
+        raise ValueError(
+            f"Expected `output_sparse_init` in [1, {linear.in_features}] (the fan-in), but got {num_nonzero}."
+        )
+    inputs = torch.rand(linear.out_features, linear.in_features).topk(num_nonzero, dim=1).indices  # (out, k)
+    linear.weight.zero_().scatter_(1, inputs, torch.randn(inputs.shape))
 
 
 @torch.no_grad()
@@ -87,7 +99,8 @@ class MLPGenerator(nn.Module):
 
     Args:
         noise_dim: dimension of ``z``.
-        noise: ``"uniform"`` draws U(-sqrt 3, sqrt 3) (unit variance, the authors' MNIST choice), ``"gaussian"`` N(0, 1).
+        noise: ``"uniform"`` draws U(-sqrt 3, sqrt 3) (unit variance, the authors' MNIST choice), ``"gaussian"``
+            N(0, 1).
         hidden_sizes: width of each hidden layer.
         hidden_activations: one activation per hidden layer (``relu``, ``sigmoid``, ``tanh``, ``linear``).
         out_shape: shape of one generated image ``(C, H, W)``.
@@ -97,6 +110,8 @@ class MLPGenerator(nn.Module):
         output_bias_from_data: start the output bias at the training set's per-pixel marginals (logit of the mean
             for a sigmoid output, the mean for a linear one); :class:`~lightning_gan.GAN` does it at fit start.
         max_col_norm: if set, every unit's incoming weight vector is clipped to this L2 norm after each update.
+        output_sparse_init: if set, the output layer starts as pylearn2's ``sparse_init``: this many nonzero
+            N(0, 1) weights per unit, at distinct random inputs, instead of U(-r, r) (the authors' TFD: 100).
     """
 
     def __init__(
@@ -111,6 +126,7 @@ class MLPGenerator(nn.Module):
         hidden_bias_init: float | Sequence[float] = 0.0,
         output_bias_from_data: bool = True,
         max_col_norm: float | None = None,
+        output_sparse_init: int | None = None,
     ) -> None:
         super().__init__()
         if noise_dim < 1:
@@ -118,7 +134,9 @@ class MLPGenerator(nn.Module):
         if noise not in ("uniform", "gaussian"):
             raise ValueError(f"Expected `noise` to be 'uniform' or 'gaussian', but got {noise!r}.")
         if output_activation not in ("sigmoid", "linear"):
-            raise ValueError(f"Expected `output_activation` to be 'sigmoid' or 'linear', but got {output_activation!r}.")
+            raise ValueError(
+                f"Expected `output_activation` to be 'sigmoid' or 'linear', but got {output_activation!r}."
+            )
         if len(hidden_activations) != len(hidden_sizes):
             raise ValueError(
                 f"Expected one activation per hidden layer: got {len(hidden_sizes)} hidden sizes but "
@@ -137,11 +155,15 @@ class MLPGenerator(nn.Module):
         ranges = _per_layer(init_range, len(sizes) - 1, "init_range")
         biases = [*_per_layer(hidden_bias_init, len(hidden_sizes), "hidden_bias_init"), 0.0]
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             linear = nn.Linear(fan_in, fan_out)
             _init_uniform_(linear, ranges[i], biases[i])
+            if output_sparse_init is not None and i == len(hidden_sizes):
+                _sparse_init_(linear, output_sparse_init)
             layers.append(linear)
-            layers.append(_activation(hidden_activations[i]) if i < len(hidden_sizes) else _activation(output_activation))
+            layers.append(
+                _activation(hidden_activations[i]) if i < len(hidden_sizes) else _activation(output_activation)
+            )
         self.net = nn.Sequential(*layers)
 
     @property
@@ -158,7 +180,7 @@ class MLPGenerator(nn.Module):
     @torch.no_grad()
     def init_output_bias(self, pixel_mean: Tensor) -> None:
         """Set the output bias so that G's output starts at the per-pixel marginal ``pixel_mean`` ``(C, H, W)``."""
-        mean = pixel_mean.reshape(-1).to(self.output_layer.bias)
+        mean = pixel_mean.reshape(-1).double()  # float64, as numpy in pylearn2: 1 - 1e-7 is not a float32
         if mean.numel() != self.output_layer.bias.numel():
             raise ValueError(
                 f"Expected a pixel mean of {self.output_layer.bias.numel()} values for out_shape {self.out_shape}, "
@@ -220,7 +242,7 @@ class MaxoutDiscriminator(nn.Module):
 
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = math.prod(self.in_shape)
-        for i, (n_units, n_pieces) in enumerate(zip(units, pieces_per_layer)):
+        for i, (n_units, n_pieces) in enumerate(zip(units, pieces_per_layer, strict=True)):
             layers.append(nn.Dropout(1 - (input_keep_prob if i == 0 else hidden_keep_prob)))
             maxout = Maxout(fan_in, n_units, n_pieces)
             _init_uniform_(maxout.linear, ranges[i])
