@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,6 +24,7 @@ from typing_extensions import override
 from lightning_gan.data import GANDataModule
 from lightning_gan.figures import GANProgressBar, run_dir
 from lightning_gan.module import GAN
+from lightning_gan.resume import with_safe_checkpointing
 
 WANDB_PROJECT = "lightning-gan"
 
@@ -62,21 +64,25 @@ def use_wandb_offline_without_credentials() -> bool:
 
 class SaveRunConfig(SaveConfigCallback):
     """Save the full resolved config as ``config.yaml`` in the run directory (beside ``checkpoints/``) and into the
-    config of every attached W&B run; with ``offline_notice``, also say where the offline W&B run is saved and how
-    to upload it (the CLI sets it when it switched W&B offline)."""
+    config of every attached W&B run; with ``offline_notice`` (set by the CLI when it switched W&B offline), also
+    say where the offline W&B run is saved and how to upload it."""
 
-    def __init__(self, *args: Any, offline_notice: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.offline_notice = offline_notice
+    offline_notice: bool = False
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
+        try:  # None values are kept, for reproducibility; jsonargparse >= 4.49 renamed `skip_none` to `skip_unset`
+            keep_none: dict[str, bool] = {"skip_unset": False}
+            text = self.parser.dump(self.config, **keep_none)
+        except TypeError:
+            keep_none = {"skip_none": False}
+            text = self.parser.dump(self.config, **keep_none)
         self.parser.save(
-            self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=self.multifile
+            self.config, folder / self.config_filename, overwrite=True, multifile=self.multifile, **keep_none
         )
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(text)
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
@@ -90,26 +96,41 @@ class SaveRunConfig(SaveConfigCallback):
                 )
 
 
+def _wandb_offline_fallback(trainer: Trainer) -> None:
+    """Go offline without credentials when a W&B logger is attached (before any run starts); flag the notice."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and use_wandb_offline_without_credentials():
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveRunConfig):
+                callback.offline_notice = True
+
+
 class GANCLI(LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
-    ``lightning_logs/``) and :class:`~lightning_gan.figures.GANProgressBar`."""
+    ``lightning_logs/``), offline without credentials, and :class:`~lightning_gan.figures.GANProgressBar`."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from jsonargparse import lazy_instance
 
         parser.set_defaults(
-            {
-                "trainer.logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir="lightning_logs"),
-                "trainer.callbacks": [lazy_instance(GANProgressBar)],
-            }
+            {"trainer.logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir="lightning_logs")}
         )
 
     @override
-    def before_instantiate_classes(self) -> None:
-        switched = use_wandb_offline_without_credentials()
-        if isinstance(self.save_config_callback, type) and issubclass(self.save_config_callback, SaveRunConfig):
-            self.save_config_kwargs["offline_notice"] = switched
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with a :class:`GANProgressBar` unless the config has a progress bar or turns it off, and safe
+        checkpointing (:func:`~lightning_gan.resume.with_safe_checkpointing`: atomic files, a checkpoint on SIGTERM or
+        Ctrl-C)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        wanted = trainer.get("enable_progress_bar") is not False and "callbacks" not in kwargs
+        if wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, GANProgressBar()]
+        built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
+        _wandb_offline_fallback(built)
+        return built
 
 
 def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:

@@ -18,6 +18,7 @@ from lightning_gan.datasets import (
     load_mnist,
     load_tfd,
 )
+from lightning_gan.resume import ResumableDataLoader
 
 DatasetName = Literal["mnist", "tfd", "cifar10"]
 Preprocessing = Literal["scale", "gcn"]
@@ -132,7 +133,8 @@ class GANDataModule(LightningDataModule):
 
     def _dataloader(self, split: str) -> DataLoader:
         data = self._split(split)
-        return DataLoader(
+        # resumable mid-epoch (exact order after a checkpoint), and draws nothing from the global random generators
+        return ResumableDataLoader(
             TensorDataset(data.images, data.labels),
             batch_size=self.batch_size,
             shuffle=split == "train",

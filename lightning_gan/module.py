@@ -17,10 +17,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
+from lightning_gan.resume import rng_state, set_rng_state
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 
 Schedule = Literal["alternating", "simultaneous"]
@@ -57,10 +60,17 @@ class GAN(LightningModule):
         momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off).
         momentum_start_epoch: (1-based) epoch where the ramp starts.
         momentum_saturate_epoch: (1-based) epoch where the momentum reaches ``momentum_final``.
+        nonfinite: what a NaN or infinite loss does. ``"stop"``: raise
+            :class:`~lightning_gan.guards.NonFiniteError` naming the step and the network, before the update is
+            applied and before any checkpoint of it is written (on an accelerator the check is deferred to the next
+            logging step or checkpoint, to spare a host sync per step; the error still names the first bad step;
+            see :mod:`lightning_gan.guards`). ``"skip"``: leave that update out (the batch still counts in
+            ``global_step``), count it in :attr:`skipped_updates` and log ``train/skipped_updates``; it stops all
+            the same when the network's parameters are non-finite.
 
     Raises:
-        ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``, or
-            ``lr_decay < 1``.
+        ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,
+            ``lr_decay < 1``, or an unknown ``nonfinite``.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
 
@@ -78,6 +88,7 @@ class GAN(LightningModule):
         momentum_final: float | None = 0.7,
         momentum_start_epoch: int = 1,
         momentum_saturate_epoch: int = 250,
+        nonfinite: NonFinite = "stop",
     ) -> None:
         super().__init__()
         if not isinstance(k, int) or k < 1:
@@ -113,6 +124,8 @@ class GAN(LightningModule):
         self.lr_decay, self.min_lr = lr_decay, min_lr
         self.momentum_final = momentum_final
         self.momentum_start_epoch, self.momentum_saturate_epoch = momentum_start_epoch, momentum_saturate_epoch
+        self.nonfinite = nonfinite
+        self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -178,6 +191,11 @@ class GAN(LightningModule):
             # told, or it waits for them (Lightning-AI/pytorch-lightning#20328).
             trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
             rank_zero_info("GAN: enabling DDP `find_unused_parameters`, as each backward pass trains one network.")
+        if stage == "fit" and trainer.world_size > 1:
+            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
+            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
+            # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         if stage == "fit" and trainer.ckpt_path is None and getattr(self.generator, "output_bias_from_data", False):
             self._init_output_bias_from_data()
 
@@ -193,10 +211,6 @@ class GAN(LightningModule):
         self.generator.init_output_bias(pixel_mean())
 
     def on_train_start(self) -> None:
-        if self.trainer.world_size > 1:
-            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
-            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients).
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
         self._d_decay = self._schedulers_of(self._optimizer(0), ExponentialDecay)
         self._g_decay = self._schedulers_of(self._optimizer(1), ExponentialDecay)
 
@@ -239,7 +253,7 @@ class GAN(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         real = self._real_images(batch)
         d_opt, g_opt = self.optimizers()
-        n = real.shape[0]
+        n, step = real.shape[0], self.global_step
         if self.schedule == "simultaneous":
             # Both objectives from one noise draw and the same discriminator parameters. The generator's pass
             # through D is a second forward with D's parameters frozen (its own dropout mask), so that one backward
@@ -254,8 +268,12 @@ class GAN(LightningModule):
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(d_loss + g_loss)
-            self._update(d_opt, self.discriminator, self._d_decay, counted=True)
-            self._update(g_opt, self.generator, self._g_decay, counted=False)
+            if self._guard.allows(self, step, d_loss, g_loss):
+                self._update(d_opt, self.discriminator, self._d_decay, counted=True)
+                self._update(g_opt, self.generator, self._g_decay, counted=False)
+            else:
+                self._skip_update(d_opt, counted=True)
+                self._skip_update(g_opt, counted=False)
         else:
             with torch.no_grad():
                 fake = self.generator(self.generator.sample_noise(n, self.device))
@@ -264,20 +282,52 @@ class GAN(LightningModule):
             d_loss = self.discriminator_loss(real_logits, fake_logits)
             d_opt.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            self._update(d_opt, self.discriminator, self._d_decay, counted=True)
+            if self._guard.allows(self, step, d_loss, None):
+                self._update(d_opt, self.discriminator, self._d_decay, counted=True)
+            else:
+                self._skip_update(d_opt, counted=True)
             g_loss = None
             if self.global_step % self.k == 0:
                 g_loss, _ = self._generator_objective(g_opt, n)
                 g_opt.zero_grad(set_to_none=True)
                 self.manual_backward(g_loss)
-                self._update(g_opt, self.generator, self._g_decay, counted=False)
+                if self._guard.allows(self, step, None, g_loss):
+                    self._update(g_opt, self.generator, self._g_decay, counted=False)
+                else:
+                    self._skip_update(g_opt, counted=False)
         self._log_step("train", d_loss, g_loss, real_logits, fake_logits)
 
-    def on_train_epoch_end(self) -> None:
+    def _momentum_ramps(self) -> list[MomentumRamp]:
         schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, Sequence) else [schedulers]:
-            if isinstance(scheduler, MomentumRamp):
-                scheduler.step()
+        schedulers = schedulers if isinstance(schedulers, Sequence) else [schedulers]
+        return [s for s in schedulers if isinstance(s, MomentumRamp)]
+
+    def on_train_epoch_start(self) -> None:
+        # A checkpoint saved at the end of validation precedes on_train_epoch_end: catch up the ramp on resume.
+        for ramp in self._momentum_ramps():
+            while ramp.last_epoch < self.current_epoch:
+                ramp.step()
+
+    def on_train_epoch_end(self) -> None:
+        self._guard.check_deferred(self)
+        for ramp in self._momentum_ramps():
+            ramp.step()
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out for a non-finite loss (``nonfinite="skip"``); checkpointed."""
+        return self._guard.skipped
+
+    def _skip_update(self, optimizer: LightningOptimizer, counted: bool) -> None:
+        """Leave an update out; a counted (discriminator) one still advances ``global_step``, as a batch was used."""
+        optimizer.zero_grad(set_to_none=True)
+        if counted:
+            optimizer._on_before_step()
+            optimizer._on_after_step()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._guard.deferred(self) and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._guard.check_deferred(self)
 
     def _log_step(
         self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, real_logits: Tensor, fake_logits: Tensor
@@ -302,10 +352,39 @@ class GAN(LightningModule):
                         for tag, opt in (("d", d_opt), ("g", g_opt))
                         if "momentum" in opt.param_groups[0]
                     },
+                    **({"train/skipped_updates": float(self.skipped_updates)} if self.nonfinite == "skip" else {}),
                 },
                 on_step=True,
                 on_epoch=False,
             )
+
+    # ------------------------------------------------------------------ checkpoints: exact resume, no broken files
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to save non-finite weights; add every rank's random state and the skipped-update count."""
+        self._guard.check_before_saving(self)
+        states = [rng_state(self.device)]
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, rng_state(self.device))
+        checkpoint["lightning_gan"] = {"rng_states": states, "skipped_updates": self.skipped_updates}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""
+        check_architecture(self, checkpoint)
+        state = checkpoint.get("lightning_gan") or {}
+        self._guard.skipped = int(state.get("skipped_updates", 0))
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or "rng_states" not in state:
+            return
+        states = state["rng_states"]
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"The checkpoint holds the random state of {len(states)} process(es), this run has "
+                f"{trainer.world_size}: training continues correctly, but not bitwise as the original run would have."
+            )
+        if self.global_rank < len(states):
+            set_rng_state(states[self.global_rank], self.device)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:

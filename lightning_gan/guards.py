@@ -1,0 +1,152 @@
+"""Guards of :class:`~lightning_gan.GAN` against silently wrong training: non-finite losses and parameters
+(:class:`NonFiniteGuard`), and a checkpoint from other networks (:func:`check_architecture`).
+
+Cost of the non-finite check: one ``isfinite`` on the step's one or two loss scalars per update. On the CPU the
+value is read at once (no device to wait for). On an accelerator, reading it back is a host-device sync, so with
+``nonfinite="stop"`` the first bad (step, network) is kept on the device and read every ``log_every_n_steps`` steps
+(where Lightning reads the logged losses anyway), at every epoch end and before every checkpoint is written: no sync
+per step, the error still names the first bad step, and no checkpoint after it is ever written. ``"skip"`` must
+decide before each update, so it reads the flag every update (one sync per update on an accelerator). Under DDP the
+decision is reduced over the ranks (max), so that every rank skips or stops at the same update: an all-reduce per
+update for ``"skip"``, per check for deferred ``"stop"``. Parameters are checked (one pass over the weights) only
+before a checkpoint is written and when a loss is non-finite: a non-finite weight shows in the next step's loss.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_gan.module import GAN
+
+NonFinite = Literal["stop", "skip"]
+_NETWORKS = ("discriminator", "generator", "discriminator and generator")
+_NONE_YET = 2**62  # "no non-finite loss yet", in the deferred check's code: step * 4 + network index
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or parameter became NaN or infinite; raised before a bad update is applied or a checkpoint written."""
+
+
+def nonfinite_networks(gan: GAN) -> list[str]:
+    """The networks of ``gan`` with a NaN or infinite parameter."""
+    return [
+        name
+        for name in ("discriminator", "generator")
+        if not torch.stack([torch.isfinite(p).all() for p in getattr(gan, name).parameters()]).all().item()
+    ]
+
+
+def _loss(network: str) -> str:
+    return f"{network} {'losses' if ' and ' in network else 'loss'}"
+
+
+def _advice(network: str) -> str:
+    lr = " or ".join(f"--model.init_args.{name}_optimizer.init_args.lr" for name in network.split(" and "))
+    return (
+        f"The checkpoints written before are intact: resume from the last one with a lower learning rate ({lr}), or "
+        "set --model.init_args.nonfinite=skip to leave out updates with a non-finite loss and count them."
+    )
+
+
+class NonFiniteGuard:
+    """The ``nonfinite`` policy of :class:`~lightning_gan.GAN`: ``"stop"`` or ``"skip"`` (see the module docstring
+    for what it costs). :attr:`skipped` counts the updates left out; it is checkpointed with the GAN."""
+
+    def __init__(self, mode: NonFinite = "stop") -> None:
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"Expected `nonfinite` to be 'stop' or 'skip', but got {mode!r}.")
+        self.mode = mode
+        self.skipped = 0
+        self._first: Tensor | None = None  # deferred "stop": min over updates of step * 4 + network index
+
+    def deferred(self, gan: GAN) -> bool:
+        return self.mode == "stop" and gan.device.type != "cpu"
+
+    def allows(self, gan: GAN, step: int, d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
+        """Whether the update(s) from these losses, made at global step ``step``, may be applied: ``"stop"`` raises
+        :class:`NonFiniteError` on a non-finite loss, ``"skip"`` counts it and returns False.
+
+        Raises:
+            NonFiniteError: see above; also under ``"skip"`` when the network's parameters are non-finite already.
+        """
+        losses = [loss.detach() for loss in (d_loss, g_loss) if loss is not None]
+        bad = ~torch.isfinite(torch.stack(losses))  # (1,) or (2,)
+        fixed = 0 if g_loss is None else 1 if d_loss is None else None
+        if self.deferred(gan):
+            index = bad[0].long() + 2 * bad[1].long() - 1 if fixed is None else fixed
+            found = torch.where(bad.any(), step * 4 + index, _NONE_YET)
+            if self._first is None:
+                self._first = torch.full((), _NONE_YET, dtype=torch.long, device=gan.device)
+            self._first = torch.minimum(self._first, found)
+            return True
+        flags = gan.trainer.strategy.reduce(bad.float(), reduce_op="max").tolist()  # the same on every rank
+        if not any(flags):
+            return True
+        network = _NETWORKS[fixed if fixed is not None else int(flags[0]) + 2 * int(flags[1]) - 1]
+        broken = nonfinite_networks(gan)
+        if self.mode == "stop" or broken:
+            values = ", ".join(f"{loss.item():g}" for loss in losses)
+            why = "before applying the update"
+            if broken:
+                why = f"as the {' and '.join(broken)} parameters are non-finite already, so skipping cannot help"
+            raise NonFiniteError(
+                f"Non-finite {_loss(network)} ({values}) at global step {step} (epoch {gan.current_epoch}): training "
+                f"stopped {why}. {_advice(network)}"
+            )
+        self.skipped += len(losses)
+        return False
+
+    def check_deferred(self, gan: GAN) -> None:
+        """Raise :class:`NonFiniteError` if the deferred check saw a non-finite loss (one host sync)."""
+        if self._first is None or gan._trainer is None:
+            return
+        first = int(gan.trainer.strategy.reduce(self._first.clone(), reduce_op="min").item())
+        if first >= _NONE_YET:
+            return
+        step, index = divmod(first, 4)
+        raise NonFiniteError(
+            f"Non-finite {_loss(_NETWORKS[index])} at global step {step} (epoch {gan.current_epoch}): training stopped "
+            f"at step {gan.global_step} (on an accelerator the check runs every `log_every_n_steps` steps and before "
+            f"every checkpoint, to spare a host sync per step); no checkpoint was written since. "
+            f"{_advice(_NETWORKS[index])}"
+        )
+
+    def check_before_saving(self, gan: GAN) -> None:
+        """Raise :class:`NonFiniteError` rather than let a checkpoint of non-finite weights be written."""
+        self.check_deferred(gan)
+        broken = nonfinite_networks(gan)
+        if broken:
+            raise NonFiniteError(
+                f"Not writing a checkpoint at global step {gan.global_step}: the {' and '.join(broken)} parameters are "
+                f"non-finite (NaN or infinite). {_advice(' and '.join(broken))}"
+            )
+
+
+def check_architecture(gan: GAN, checkpoint: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the mismatched weights and the fix when ``checkpoint`` was written by other
+    networks (skipped when ``gan.strict_loading`` is off)."""
+    saved = checkpoint.get("state_dict")
+    if not gan.strict_loading or not isinstance(saved, dict):
+        return
+    own = gan.state_dict()
+    problems = [f"{key} is missing from the checkpoint" for key in own if key not in saved]
+    problems += [f"{key} is in the checkpoint but not in this model" for key in saved if key not in own]
+    problems += [
+        f"{key} has shape {tuple(saved[key].shape)} in the checkpoint but {tuple(value.shape)} in this model"
+        for key, value in own.items()
+        if key in saved and tuple(getattr(saved[key], "shape", ())) != tuple(value.shape)
+    ]
+    if not problems:
+        return
+    source = gan._trainer.ckpt_path if gan._trainer is not None else None
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise ValueError(
+        f"The checkpoint{f' {source}' if source else ''} was written by networks of another architecture: "
+        f"{'; '.join(problems[:5])}{more}. Build the networks exactly as the run that wrote it (the CLI saves that "
+        "run's config.yaml beside its checkpoints/ folder: `lightning-gan fit --config <run>/config.yaml "
+        "--ckpt_path ...`), or leave out --ckpt_path to start afresh."
+    )

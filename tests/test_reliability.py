@@ -1,0 +1,500 @@
+"""Reliability: exact resume, safe interruption, atomic checkpoints, the non-finite guard, DDP resume, seeded
+determinism, and the bad-input cases not already covered by test_cli.py / test_module.py / test_data.py /
+test_datasets.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
+from lightning_gan.cli import build_cli
+from lightning_gan.guards import NonFiniteError, NonFiniteGuard
+from lightning_gan.resume import (
+    AtomicCheckpointIO,
+    EpochRandomSampler,
+    InterruptCheckpoint,
+    ResumableDataLoader,
+    check_writable,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BATCHES_PER_EPOCH = 5  # odd, so that with k = 2 the generator's phase crosses the epoch boundary
+
+
+def tiny_gan(cls: type[GAN] = GAN, **kwargs: Any) -> GAN:
+    """Dropout on (the random state matters), k = 2, the lr decay and a momentum ramp that moves every epoch."""
+    generator = MLPGenerator(
+        noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2), output_bias_from_data=False
+    )
+    discriminator = MaxoutDiscriminator(
+        in_shape=(1, 2, 2), units=(6,), pieces=2, input_keep_prob=0.8, hidden_keep_prob=0.5
+    )
+    defaults: dict[str, Any] = {"k": 2, "lr_decay": 1.01, "momentum_final": 0.7, "momentum_saturate_epoch": 3}
+    return cls(generator, discriminator, **{**defaults, **kwargs})
+
+
+class TinyData(LightningDataModule):
+    """In-memory images; the loaders are built in the hooks, as GANDataModule does (Lightning can re-wrap them)."""
+
+    def __init__(self, batches: int = BATCHES_PER_EPOCH, batch_size: int = 4) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.train = torch.rand(batches * batch_size + 2, 1, 2, 2, generator=generator)  # + 2: dropped (drop_last)
+        self.val = torch.rand(8, 1, 2, 2, generator=generator)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return ResumableDataLoader(TensorDataset(self.train), batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        return ResumableDataLoader(TensorDataset(self.val), batch_size=self.batch_size)
+
+
+class RecordBatches(Callback):
+    """The training batches in the order they were used."""
+
+    def __init__(self) -> None:
+        self.batches: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch[0].clone())
+
+
+class SendSignal(Callback):
+    """Sends ``signum`` to this process ``times`` times, after the step that brings ``global_step`` to ``at_step``."""
+
+    def __init__(self, at_step: int, signum: int, times: int = 1) -> None:
+        self.at_step, self.signum, self.times = at_step, signum, times
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def fit(
+    root: Path,
+    epochs: int = 2,
+    ckpt_path: Path | None = None,
+    callbacks: tuple[Callback, ...] = (),
+    checkpoint: ModelCheckpoint | None = None,
+    gan: GAN | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, GAN, RecordBatches]:
+    seed_everything(0, verbose=False)
+    gan = gan if gan is not None else tiny_gan()
+    record = RecordBatches()
+    checkpoint = checkpoint or ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[record, *callbacks, InterruptCheckpoint(), checkpoint],
+        **trainer_kwargs,
+    )
+    trainer.fit(gan, datamodule=TinyData(), ckpt_path=ckpt_path)
+    return trainer, gan, record
+
+
+def training_state(trainer: Trainer, gan: GAN) -> dict[str, Any]:
+    """Everything that must match bitwise: weights, optimizer and scheduler states, counters, the random state."""
+    return {
+        "weights": gan.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        "global_step": trainer.global_step,
+        "generator_updates": gan.generator_updates,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_identical(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two epochs without interruption, with a checkpoint at each epoch's end (saved at the end of validation)."""
+    root = tmp_path_factory.mktemp("straight")
+    trainer, gan, record = fit(root)
+    return {"state": training_state(trainer, gan), "batches": record.batches, "root": root}
+
+
+# ------------------------------------------------------------------------------------------------- exact resume
+def test_resume_from_the_end_of_epoch_one_is_bitwise_exact(straight_run: dict[str, Any], tmp_path: Path) -> None:
+    checkpoint = straight_run["root"] / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    trainer, gan, record = fit(tmp_path, ckpt_path=checkpoint)
+    assert_identical(training_state(trainer, gan), straight_run["state"])
+    assert_identical(record.batches, straight_run["batches"][BATCHES_PER_EPOCH:], "batches")
+    assert gan._optimizer(0).param_groups[0]["momentum"] == pytest.approx(0.7)  # the ramp caught up (epoch 3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(
+    straight_run: dict[str, Any], tmp_path: Path, signum: int, recwarn: pytest.WarningsRecorder
+) -> None:
+    stop_at = BATCHES_PER_EPOCH + 2  # mid-way through the second epoch
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "first", callbacks=(SendSignal(stop_at, signum),))
+    interrupted = tmp_path / "first" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] == stop_at
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling handed back
+
+    trainer, gan, record = fit(tmp_path / "resumed", ckpt_path=interrupted)
+    assert_identical(training_state(trainer, gan), straight_run["state"])
+    assert_identical(record.batches, straight_run["batches"][stop_at:], "batches")
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path, callbacks=(SendSignal(2, signal.SIGINT, times=2),))
+    assert stopped.value.code == 1  # Lightning's exit status for KeyboardInterrupt
+    assert not (tmp_path / "checkpoints" / "interrupted.ckpt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
+    data = TensorDataset(torch.arange(18.0))
+
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(data, batch_size=3, shuffle=True, drop_last=True, seed=7)
+
+    full = loader()
+    epochs = [[b[0].tolist() for b in full] for _ in range(2)]  # by hand, without set_epoch: the epoch advances
+    assert epochs[0] != epochs[1]
+    assert sorted(x for batch in epochs[1] for x in batch) == list(range(18))
+    partial = loader()
+    iterator = iter(partial)
+    _ = [next(iterator) for _ in range(4)]
+    resumed = loader()
+    resumed.load_state_dict(partial.state_dict())
+    assert [b[0].tolist() for b in resumed] == epochs[0][4:]
+    assert isinstance(resumed.sampler, EpochRandomSampler) and len(resumed) == 6
+
+
+def test_gan_datamodule_trains_from_a_resumable_loader(mnist_root: Path) -> None:
+    dm = GANDataModule(data_dir=mnist_root, download=False)
+    assert isinstance(dm.train_dataloader(), ResumableDataLoader)
+    assert isinstance(dm.train_dataloader().sampler, EpochRandomSampler)
+
+
+# ------------------------------------------------------------------------------------------------- atomic files
+def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: renames.append((Path(src), Path(dst))) or real_replace(src, dst)
+    )
+    io.save_checkpoint({"step": 2}, path)
+    assert renames[0][0].parent == path.parent and renames[0][1] == path  # temporary file in the same folder
+
+    def torch_save_killed_half_way(obj: Any, file: Any) -> None:
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # e.g. killed while writing
+
+    monkeypatch.setattr(torch, "save", torch_save_killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}  # the previous file, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------------- non-finite guard
+class NaNGAN(GAN):
+    """Returns a NaN loss for ``network`` in the batches of the given global steps."""
+
+    nan_at: ClassVar[dict[str, set[int]]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._batch_step = self.global_step
+        super().training_step(batch, batch_idx)
+
+    def _maybe_nan(self, network: str, loss: Tensor) -> Tensor:
+        return loss * float("nan") if self.training and self._batch_step in self.nan_at.get(network, ()) else loss
+
+    def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return self._maybe_nan("discriminator", super().discriminator_loss(real_logits, fake_logits))
+
+    def generator_loss_fn(self, fake_logits: Tensor) -> Tensor:
+        return self._maybe_nan("generator", super().generator_loss_fn(fake_logits))
+
+
+def nan_gan(nan_at: dict[str, set[int]], **kwargs: Any) -> GAN:
+    gan = tiny_gan(NaNGAN, **{"k": 1, **kwargs})
+    gan.nan_at = nan_at
+    return gan
+
+
+def every_step(root: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+
+
+def saved_steps(root: Path) -> list[int]:
+    return sorted(torch.load(p, weights_only=True)["global_step"] for p in (root / "checkpoints").glob("*.ckpt"))
+
+
+def assert_finite(gan: GAN) -> None:
+    assert all(torch.isfinite(p).all() for p in gan.parameters())
+
+
+@pytest.mark.parametrize(
+    ("nan_at", "schedule", "message"),
+    [
+        ({"discriminator": {3}}, "alternating", r"Non-finite discriminator loss \(nan\) at global step 3 "),
+        ({"generator": {3}}, "alternating", r"Non-finite generator loss \(nan\) at global step 3 "),
+        ({"generator": {3}}, "simultaneous", r"Non-finite generator loss \(\S+, nan\) at global step 3 "),
+    ],
+)
+def test_stop_names_the_step_and_network_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, nan_at: dict[str, set[int]], schedule: str, message: str
+) -> None:
+    with pytest.raises(NonFiniteError, match=message) as error:
+        fit(tmp_path, gan=nan_gan(nan_at, schedule=schedule), checkpoint=every_step(tmp_path))
+    assert "lower learning rate" in str(error.value) and "nonfinite=skip" in str(error.value)
+    assert saved_steps(tmp_path) == [1, 2, 3]  # nothing after the bad step; no interruption checkpoint either
+    last = torch.load(tmp_path / "checkpoints" / "epoch=0-step=3.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_skip_leaves_updates_out_counts_them_and_resumes_the_count(tmp_path: Path) -> None:
+    nan_at = {"discriminator": {2, 5}, "generator": {6}}
+    trainer, gan, _ = fit(tmp_path, gan=nan_gan(nan_at, nonfinite="skip"))
+    assert gan.skipped_updates == 3
+    assert trainer.callback_metrics["train/skipped_updates"] == 3
+    assert trainer.global_step == 2 * BATCHES_PER_EPOCH  # a skipped batch still counts as a training batch
+    assert gan._optimizer(0).param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**8)  # 8 real discriminator updates
+    assert_finite(gan)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "epoch=1-step=10.ckpt", weights_only=True)
+    assert checkpoint["lightning_gan"]["skipped_updates"] == 3
+    resumed = nan_gan({}, nonfinite="skip")
+    fit(tmp_path / "more", epochs=3, gan=resumed, ckpt_path=tmp_path / "checkpoints" / "epoch=1-step=10.ckpt")
+    assert resumed.skipped_updates == 3
+
+
+class PoisonGenerator(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            next(pl_module.generator.parameters()).data[0] = float("inf")
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_non_finite_parameters_are_never_checkpointed_and_stop_training(tmp_path: Path, nonfinite: str) -> None:
+    with pytest.raises(NonFiniteError, match="Not writing a checkpoint at global step 3: the generator parameters"):
+        fit(
+            tmp_path, gan=tiny_gan(nonfinite=nonfinite), callbacks=(PoisonGenerator(),), checkpoint=every_step(tmp_path)
+        )
+    assert saved_steps(tmp_path) == [1, 2]
+    # without a checkpoint at that step, the next loss is NaN; skipping cannot help, so "skip" stops as well
+    with pytest.raises(NonFiniteError, match="generator parameters are non-finite already"):
+        fit(tmp_path / "no-checkpoints", gan=tiny_gan(nonfinite="skip"), callbacks=(PoisonGenerator(),))
+
+
+def test_the_deferred_check_for_accelerators_still_names_the_first_bad_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(NonFiniteGuard, "deferred", lambda self, gan: True)  # as on a GPU: no host sync per step
+    with pytest.raises(NonFiniteError, match=r"discriminator loss at global step 3 .*stopped at step 4"):
+        fit(tmp_path, gan=nan_gan({"discriminator": {3}}), checkpoint=every_step(tmp_path), log_every_n_steps=50)
+    assert saved_steps(tmp_path) == [1, 2, 3]  # the checkpoint of step 4 checked first, and was not written
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+class SaveFinalState(Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {"weights": pl_module.state_dict(), "optimizers": [o.state_dict() for o in trainer.optimizers]}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a forked process can deadlock on some OpenMP runtimes)."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"the 2-process run took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def ddp_fit(root: Path, ckpt_path: Path | None = None) -> list[dict[str, Any]]:
+    """Two CPU processes (gloo). `ddp_fork`: the same DDP strategy as `ddp`/`ddp_spawn` (test_ddp.py), started by
+    fork, which spares the children re-importing everything (about 1 s a run instead of 25 s here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    seed_everything(0, verbose=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[SaveFinalState(root), ModelCheckpoint(root / "checkpoints", every_n_train_steps=3, save_top_k=-1)],
+    )
+    with time_limit(120):
+        trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH), ckpt_path=ckpt_path)
+    return [torch.load(root / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_ddp_resume_mid_epoch_is_exact_and_ranks_stay_identical(tmp_path: Path) -> None:
+    # 2 ranks x 5 batches per epoch; the checkpoint at step 6 is mid-way through the second epoch
+    straight = ddp_fit(tmp_path / "straight")
+    checkpoint = torch.load(tmp_path / "straight" / "checkpoints" / "epoch=1-step=6.ckpt", weights_only=True)
+    states = checkpoint["lightning_gan"]["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one per rank
+    resumed = ddp_fit(tmp_path / "resumed", ckpt_path=tmp_path / "straight" / "checkpoints" / "epoch=1-step=6.ckpt")
+    assert_identical(straight[0], straight[1], "straight rank 0 vs 1")
+    assert_identical(resumed[0], straight[0], "resumed vs straight, rank 0")
+    assert_identical(resumed[1], straight[1], "resumed vs straight, rank 1")
+
+
+# ------------------------------------------------------------------------------------------------- determinism
+def sample_after_training(seed: int, root: Path) -> Tensor:
+    seed_everything(seed, verbose=False)
+    gan = tiny_gan()
+    Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
+    ).fit(gan, datamodule=TinyData())  # fmt: skip
+    return gan.sample(6)
+
+
+def test_the_same_seed_gives_the_same_samples(tmp_path: Path) -> None:
+    first = sample_after_training(3, tmp_path)
+    assert torch.equal(first, sample_after_training(3, tmp_path))
+    assert not torch.equal(first, sample_after_training(4, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------- bad input (CLI)
+TINY_NETS = [
+    "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
+    "--model.init_args.discriminator.init_args.units=[8,8]",
+]
+
+
+def cli_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(CONFIGS / "mnist.yaml"), f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.download=false", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+        "--trainer.accelerator=cpu", *TINY_NETS, *extra,
+    ]  # fmt: skip
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("model:\n  init_args:\n    kk: 3\n", "Option 'kk' is not accepted"),
+        ("trainer:\n  max_epoch: 3\n", "does not accept option 'trainer.max_epoch'"),
+        ("model:\n  init_args:\n    k: two\n", "Expected a <class 'int'>. Got value: two"),
+        ("data:\n  init_args:\n    batch_size: [100]\n", "batch_size"),
+        ("model:\n  init_args:\n    nonfinite: ignore\n", "nonfinite"),
+    ],
+    ids=["unknown-model-key", "unknown-trainer-key", "k-not-an-int", "batch-size-a-list", "unknown-nonfinite"],
+)
+def test_unknown_yaml_keys_and_wrong_types_fail_before_anything_is_written(
+    yaml: str, message: str, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.yaml").write_text(yaml)
+    with pytest.raises(SystemExit):
+        build_cli(cli_args(mnist_root, tmp_path / "run", "--config", str(tmp_path / "bad.yaml")))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated"])
+def test_bad_dataset_files_fail_through_the_cli_before_anything_is_written(
+    problem: str, mnist_root: Path, tmp_path: Path
+) -> None:
+    # the IDX checks themselves are tested in test_data.py; here: they stop the CLI before training and writing
+    data = tmp_path / "data"
+    if problem == "truncated":
+        shutil.copytree(mnist_root / "MNIST", data / "MNIST")
+        images = data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises((FileNotFoundError, ValueError), match="train-images-idx3-ubyte"):
+        build_cli(cli_args(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_other_networks_is_named_with_the_fix_before_training(mnist_root: Path, tmp_path: Path) -> None:
+    cli = build_cli(cli_args(mnist_root, tmp_path / "first"))
+    # the CLI's defaults: atomic checkpoint files, a checkpoint on SIGTERM / Ctrl-C
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert any(isinstance(c, InterruptCheckpoint) for c in cli.trainer.callbacks)
+    checkpoint = next((tmp_path / "first").rglob("*.ckpt"))
+    bigger = "--model.init_args.generator.init_args.hidden_sizes=[32,16]"
+    with pytest.raises(ValueError, match="another architecture") as error:
+        build_cli(cli_args(mnist_root, tmp_path / "second", bigger, f"--ckpt_path={checkpoint}"))
+    message = str(error.value)
+    assert "generator.net.0.weight has shape (16, 100) in the checkpoint but (32, 100) in this model" in message
+    assert "config.yaml" in message and str(checkpoint) in message
+    assert not list((tmp_path / "second").rglob("*.ckpt"))
+
+
+def test_an_unwritable_output_folder_fails_before_training_with_nothing_written(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"Cannot write checkpoints to .*--trainer\.default_root_dir"):
+        build_cli(cli_args(mnist_root, blocker / "run"))
+    assert files_under(tmp_path) == [blocker] and blocker.read_text() == "not a folder"
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (chmod cannot show it when the tests run as root, so the permission error is simulated)
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr("lightning_gan.resume.tempfile.TemporaryFile", denied)
+    with pytest.raises(PermissionError, match=r"Cannot write checkpoints to .*out.*Permission denied"):
+        check_writable(tmp_path / "out", "checkpoints")
+    assert not (tmp_path / "out").exists()
