@@ -1,23 +1,34 @@
 """lightning-gan: the original Generative Adversarial Nets (Goodfellow et al., 2014) as a Lightning plug-in."""
 
+from lightning_gan.callbacks import ParzenEvaluation
 from lightning_gan.conv_nets import ConvMaxoutDiscriminator, DeconvGenerator, MaxoutConv2d
 from lightning_gan.data import GANDataModule
+from lightning_gan.figures import CollapseMonitor, GANProgressBar, LatentInterpolation, SampleGrid
 from lightning_gan.module import GAN
 from lightning_gan.nets import Maxout, MaxoutDiscriminator, MLPGenerator
+from lightning_gan.parzen import ParzenLogLikelihood, parzen_log_likelihood, select_sigma
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GAN",
+    "CollapseMonitor",
     "ConvMaxoutDiscriminator",
     "DeconvGenerator",
     "ExponentialDecay",
     "GANDataModule",
+    "GANProgressBar",
+    "LatentInterpolation",
     "MLPGenerator",
     "Maxout",
     "MaxoutConv2d",
     "MaxoutDiscriminator",
     "MomentumRamp",
+    "ParzenEvaluation",
+    "ParzenLogLikelihood",
+    "SampleGrid",
     "__version__",
+    "parzen_log_likelihood",
+    "select_sigma",
 ]

@@ -1,0 +1,165 @@
+"""Lightning callbacks: the paper's Parzen-window evaluation, plus the figure and monitor callbacks.
+
+:class:`ParzenEvaluation` follows the authors' ``parzen_ll.py``: 10,000 generator samples as window centres, sigma
+chosen on validation images from ``logspace(-1, 0, 10)``, then the mean log-likelihood of the test images and its
+standard error (numpy ``ddof=0``). It is exact on any number of DDP ranks: the centres are drawn in fixed-size noise
+chunks seeded by chunk index and shared out, so they do not depend on the world size, and the test split is read
+from the datamodule and sharded by rank (no DistributedSampler padding), so every test example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
+
+_DATASET_NAMES = {"mnist": "MNIST", "tfd": "TFD", "cifar10": "CIFAR-10"}
+
+
+class ParzenEvaluation(Callback):
+    """The paper's Parzen-window log-likelihood: sigma on validation every ``every_n_epochs``, the number on ``test``.
+
+    Logs ``parzen/sigma`` and ``parzen/val_ll`` (mean validation LL at the chosen sigma) at validation epoch end, and
+    ``parzen/test_ll``, ``parzen/test_se`` on ``test``, where it also prints a one-line result. The chosen sigma is
+    saved in the callback's checkpoint state; a ``test`` run without one selects it on the validation split first.
+
+    Args:
+        num_samples: generator samples used as window centres (the authors: 10,000).
+        every_n_epochs: select sigma (and log ``parzen/val_ll``) every this many validation epochs.
+        val_size: validation images used to choose sigma (the authors: the first 1,000 of the validation split).
+        sigmas: the sigma grid; default ``logspace(-1, 0, 10)``.
+        test_size: evaluate only the first ``test_size`` test images (default: all).
+        seed: seed of the centres' noise; the same seed gives the same centres on any number of ranks.
+        chunk_size: noise vectors per seeded chunk (a fixed unit of work: changing it changes the centres).
+
+    Raises:
+        ValueError: for ``num_samples``, ``every_n_epochs``, ``val_size``, ``test_size`` or ``chunk_size`` < 1, or
+            a sigma grid that is empty or has a non-positive value.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 10_000,
+        every_n_epochs: int = 1,
+        val_size: int = 1_000,
+        sigmas: list[float] | None = None,
+        test_size: int | None = None,
+        seed: int = 1234,
+        chunk_size: int = 500,
+    ) -> None:
+        for name, value in (
+            ("num_samples", num_samples),
+            ("every_n_epochs", every_n_epochs),
+            ("val_size", val_size),
+            ("chunk_size", chunk_size),
+            ("test_size", 1 if test_size is None else test_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+        if sigmas is not None and (len(sigmas) == 0 or not all(math.isfinite(s) and s > 0 for s in sigmas)):
+            raise ValueError(f"Expected `sigmas` to be a non-empty list of positive numbers, but got {sigmas!r}.")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.val_size = val_size
+        self.sigmas = sigmas
+        self.test_size = test_size
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.sigma: float | None = None
+
+    # ------------------------------------------------------------------ centres, the same for any world size
+    @torch.no_grad()
+    def centres(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
+        """``num_samples`` generator samples ``(M, D)``: chunk ``c`` from noise seeded ``seed + c``, made on rank
+        ``c % world_size`` and gathered, so the result is the same on 1 process or N ranks."""
+        world, rank = trainer.world_size, trainer.global_rank
+        n_chunks = math.ceil(self.num_samples / self.chunk_size)
+        mine = range(rank, n_chunks, world)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        chunks = []
+        with torch.random.fork_rng(devices=devices):
+            for c in mine:
+                torch.manual_seed(self.seed + c)
+                chunks.append(pl_module.sample(self.chunk_size).flatten(1))
+        per_rank = math.ceil(n_chunks / world)
+        dim = chunks[0].shape[1] if chunks else self._dimension(pl_module)
+        local = torch.zeros(per_rank, self.chunk_size, dim, device=pl_module.device)
+        if chunks:
+            local[: len(chunks)] = torch.stack(chunks)
+        gathered = pl_module.all_gather(local) if world > 1 else local.unsqueeze(0)  # (W, per_rank, chunk, D)
+        ordered = [gathered[c % world, c // world] for c in range(n_chunks)]
+        return torch.cat(ordered)[: self.num_samples]
+
+    @staticmethod
+    def _dimension(pl_module: LightningModule) -> int:
+        return pl_module.sample(1).flatten(1).shape[1]
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def _images(trainer: Trainer, split: str, limit: int | None) -> Tensor:
+        splits = getattr(trainer.datamodule, "splits", None)
+        if splits is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "setup"):
+            trainer.datamodule.setup(split)
+            splits = getattr(trainer.datamodule, "splits", None)
+        if splits is None:
+            raise RuntimeError(
+                "ParzenEvaluation reads the validation and test images from the datamodule's `splits` "
+                "(lightning_gan.GANDataModule or a subclass); pass such a datamodule to the Trainer."
+            )
+        images = getattr(splits, split).images
+        return images[:limit] if limit is not None else images
+
+    # ------------------------------------------------------------------ sigma on validation
+    def select(self, trainer: Trainer, pl_module: LightningModule, centres: Tensor | None = None) -> float:
+        """Choose sigma on the first ``val_size`` validation images; every rank computes the same grid."""
+        centres = self.centres(trainer, pl_module) if centres is None else centres
+        valid = self._images(trainer, "val", self.val_size).flatten(1).to(centres.device)
+        sigma, mean_ll = select_sigma(valid, centres, self.sigmas)
+        self.sigma = float(sigma)
+        self.val_ll = float(mean_ll.max())
+        return self.sigma
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        self.select(trainer, pl_module)
+        # identical on every rank: no reduction needed
+        pl_module.log("parzen/sigma", self.sigma)
+        pl_module.log("parzen/val_ll", self.val_ll, prog_bar=True)
+
+    # ------------------------------------------------------------------ the number, on test
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        centres = self.centres(trainer, pl_module)
+        if self.sigma is None:
+            self.select(trainer, pl_module, centres)
+        test = self._images(trainer, "test", self.test_size)
+        metric = ParzenLogLikelihood(centres, self.sigma).to(pl_module.device)
+        shard = test[trainer.global_rank :: trainer.world_size]  # each example on exactly one rank
+        for start in range(0, len(shard), 1000):
+            metric.update(shard[start : start + 1000].to(pl_module.device))
+        mean, se = metric.compute()  # torchmetrics sums the states over ranks
+        self.test_ll, self.test_se = float(mean), float(se)
+        pl_module.log_dict({"parzen/test_ll": self.test_ll, "parzen/test_se": self.test_se, "parzen/sigma": self.sigma})
+        dataset = _DATASET_NAMES.get(getattr(trainer.datamodule, "dataset", ""))
+        self._print_result(f"{dataset} test" if dataset else "test", len(test))
+
+    @rank_zero_only
+    def _print_result(self, split: str, n_examples: int) -> None:
+        print(
+            f"Parzen log-likelihood ({split}): {self.test_ll:.1f} ± {self.test_se:.1f} nats, sigma {self.sigma:.4f}, "
+            f"{self.num_samples} samples, {n_examples} examples",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"sigma": self.sigma}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sigma = state_dict.get("sigma")

@@ -1,0 +1,107 @@
+"""ParzenEvaluation: the paper's protocol through Lightning, exact on 1 process and on 2 DDP ranks."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, ParzenEvaluation
+from lightning_gan.parzen import parzen_log_likelihood
+
+TEST_SIZE = 101  # odd: a DistributedSampler would pad it with a repeated example on 2 ranks
+
+
+def seeded_gan() -> GAN:
+    torch.manual_seed(0)
+    generator = MLPGenerator(noise_dim=8, hidden_sizes=(32,), hidden_activations=("relu",), init_range=0.5)
+    return GAN(generator, MaxoutDiscriminator(units=(8,), pieces=2))
+
+
+def evaluation() -> ParzenEvaluation:
+    return ParzenEvaluation(num_samples=700, val_size=60, test_size=TEST_SIZE, chunk_size=100)
+
+
+def run_test(mnist_root: Path, devices: int) -> tuple[dict[str, float], dict[str, float]]:
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_fork" if devices > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[evaluation()],
+        limit_val_batches=1,
+        limit_test_batches=1,
+    )
+    dm = GANDataModule(data_dir=mnist_root, download=False)
+    validated = trainer.validate(seeded_gan(), datamodule=dm, verbose=False)[0]
+    tested = trainer.test(seeded_gan(), datamodule=dm, verbose=False)[0]
+    return validated, tested
+
+
+def test_numbers_match_a_direct_computation(mnist_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    validated, tested = run_test(mnist_root, devices=1)
+    gan, dm = seeded_gan(), GANDataModule(data_dir=mnist_root, download=False)
+    dm.setup()
+    callback = evaluation()
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False)
+    centres = callback.centres(trainer, gan)
+    assert centres.shape == (700, 784)
+    grid = torch.logspace(-1, 0, 10)
+    val_lls = parzen_log_likelihood(dm.splits.val.images[:60].flatten(1), centres, grid).double().mean(dim=1)
+    sigma = grid[val_lls.argmax()].item()
+    assert validated["parzen/sigma"] == pytest.approx(sigma)
+    assert validated["parzen/val_ll"] == pytest.approx(val_lls.max().item(), rel=1e-5)
+    lls = parzen_log_likelihood(dm.splits.test.images[:TEST_SIZE].flatten(1), centres, sigma).double().numpy()
+    assert tested["parzen/test_ll"] == pytest.approx(lls.mean(), rel=1e-5)
+    assert tested["parzen/test_se"] == pytest.approx(np.std(lls, ddof=0) / np.sqrt(len(lls)), rel=1e-4)
+    out = capsys.readouterr().out
+    assert f"Parzen log-likelihood (MNIST test): {lls.mean():.1f} ± " in out
+    assert f"sigma {sigma:.4f}, 700 samples, {TEST_SIZE} examples" in out
+
+
+def _timeout(signum, frame):  # a deadlocked collective fails the test instead of hanging the suite
+    raise TimeoutError("DDP Parzen evaluation did not finish in 180 s")
+
+
+def test_two_ddp_ranks_give_the_numbers_of_one_process(mnist_root: Path) -> None:
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(180)
+    try:
+        one = run_test(mnist_root, devices=1)
+        two = run_test(mnist_root, devices=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    for single, ddp in zip(one, two):
+        for key in ("parzen/sigma", "parzen/val_ll", "parzen/test_ll", "parzen/test_se"):
+            if key in single:
+                assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
+
+
+def test_sigma_is_checkpointed() -> None:
+    callback = evaluation()
+    callback.sigma = 0.2154
+    restored = evaluation()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.sigma == 0.2154
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_samples": 0}, "num_samples"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"val_size": -1}, "val_size"),
+        ({"sigmas": [0.1, 0.0]}, "sigmas"),
+        ({"sigmas": []}, "sigmas"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ParzenEvaluation(**kwargs)
