@@ -153,5 +153,6 @@ def main(args: ArgsType = None) -> None:
     build_cli(args)
     import wandb
 
-    if wandb.run is not None:  # close the W&B run (rank zero) so that its files are complete when main() returns
+    if wandb.run is not None:  # close the W&B run (rank zero) so that its files are complete when main() returns:
         wandb.finish()
+        wandb.teardown()  # finish() may leave the run's file buffered in the W&B service; teardown flushes it
