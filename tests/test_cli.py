@@ -43,7 +43,9 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
     assert gan.generator.output_layer.bias.shape == pixel_mean.shape
 
 
-def test_test_subcommand_restores_a_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
+def test_test_subcommand_restores_a_checkpoint_and_prints_the_parzen_result(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     build_cli(fit_args(mnist_root, tmp_path))
     ckpt = next(tmp_path.rglob("*.ckpt"))
     args = fit_args(mnist_root, tmp_path)
@@ -57,6 +59,10 @@ def test_test_subcommand_restores_a_checkpoint(mnist_root: Path, tmp_path: Path)
         ]
     )
     assert "test/d_loss" in cli.trainer.callback_metrics
+    assert "parzen/test_ll" in cli.trainer.callback_metrics
+    ll = cli.trainer.callback_metrics["parzen/test_ll"].item()
+    se = cli.trainer.callback_metrics["parzen/test_se"].item()
+    assert f"Parzen log-likelihood (MNIST test): {ll:.1f} ± {se:.1f} nats, sigma " in capsys.readouterr().out
 
 
 def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
