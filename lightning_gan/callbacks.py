@@ -17,7 +17,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from lightning_gan.figures import CollapseMonitor, GANProgressBar, LatentInterpolation, SampleGrid
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
+
+# The figure and monitor callbacks live in figures.py; they are importable from here too.
+__all__ = ["CollapseMonitor", "GANProgressBar", "LatentInterpolation", "ParzenEvaluation", "SampleGrid"]
 
 _DATASET_NAMES = {"mnist": "MNIST", "tfd": "TFD", "cifar10": "CIFAR-10"}
 
