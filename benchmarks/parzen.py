@@ -35,7 +35,7 @@ def mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     )
     if folder is None:
         raise SystemExit(
-            f"real MNIST IDX files not found under {root}; pass --mnist-root or set LIGHTNING_GAN_MNIST_ROOT"
+            f"real MNIST IDX files not found under {root}; pass --mnist-root or set LIGHTNING_GAN_DATA_ROOT"
         )
 
     def read(name: str) -> torch.Tensor:
@@ -158,7 +158,7 @@ def fmt_mem(nbytes: float | None) -> str:
 
 def main() -> None:
     default_root = os.environ.get(
-        "LIGHTNING_GAN_MNIST_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets"
+        "LIGHTNING_GAN_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets"
     )
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -252,24 +251,14 @@ def test_cuda_matches_cpu_even_with_tf32_enabled(data):
     assert metric.compute()[0].item() == pytest.approx(reference_ll(x, samples, 0.2).mean(), rel=1e-6)
 
 
-def _mnist_raw() -> Path | None:
-    root = Path(os.environ.get("LIGHTNING_GAN_MNIST_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    for folder in (root / "MNIST" / "raw", root / "raw", root):
-        if (folder / "train-images-idx3-ubyte").is_file() and (folder / "t10k-images-idx3-ubyte").is_file():
-            return folder
-    return None
-
-
 def _read_images(path: Path, count: int) -> torch.Tensor:
     raw = np.fromfile(path, dtype=np.uint8, count=count * 784, offset=16)
     return torch.from_numpy(raw.reshape(count, 784).astype(np.float32) / 255.0)
 
 
-def test_real_mnist_accuracy_against_float64():
+def test_real_mnist_accuracy_against_float64(real_mnist_root: Path):
     """Float32 compute on 500 test images x 2,000 training-image centres over the paper's sigma grid."""
-    folder = _mnist_raw()
-    if folder is None:
-        pytest.skip("real MNIST not found (set LIGHTNING_GAN_MNIST_ROOT to the folder holding MNIST/raw)")
+    folder = real_mnist_root / "MNIST" / "raw"
     x = _read_images(folder / "t10k-images-idx3-ubyte", 500)
     samples = _read_images(folder / "train-images-idx3-ubyte", 2000)
     x = torch.cat([x, samples[:20]])  # exact matches: the hardest case for the expansion
