@@ -24,8 +24,10 @@ from lightning_gan.nets import (
     MLPGenerator,
     NoiseDistribution,
     _activation,
+    _check_generator_args,
     _clip_row_norms_,
     _init_uniform_,
+    _marginal_bias,
     _per_layer,
 )
 
@@ -204,14 +206,7 @@ class DeconvGenerator(nn.Module):
         max_kernel_norm: float | None = None,
     ) -> None:
         super().__init__()
-        if noise_dim < 1:
-            raise ValueError(f"Expected `noise_dim` >= 1, but got {noise_dim}.")
-        if noise not in ("uniform", "gaussian"):
-            raise ValueError(f"Expected `noise` to be 'uniform' or 'gaussian', but got {noise!r}.")
-        if output_activation not in ("sigmoid", "linear"):
-            raise ValueError(
-                f"Expected `output_activation` to be 'sigmoid' or 'linear', but got {output_activation!r}."
-            )
+        _check_generator_args(noise_dim, noise, output_activation)
         if not hidden_sizes or len(hidden_activations) != len(hidden_sizes):
             raise ValueError(
                 f"Expected at least one hidden layer and one activation per hidden layer: got {len(hidden_sizes)} "
@@ -253,10 +248,8 @@ class DeconvGenerator(nn.Module):
         """Set the output bias so that G's output starts at the per-pixel marginal ``pixel_mean`` ``(C, H, W)``."""
         if tuple(pixel_mean.shape) != self.out_shape:
             raise ValueError(f"Expected a pixel mean of shape {self.out_shape}, but got {tuple(pixel_mean.shape)}.")
-        mean = pixel_mean.double().mean(dim=(1, 2), keepdim=True) if self.bias.shape[1] == 1 else pixel_mean.double()
-        if self.output_activation == "sigmoid":
-            mean = torch.logit(mean.clamp(1e-7, 1 - 1e-7))
-        self.bias.copy_(mean.to(self.bias))
+        mean = pixel_mean.mean(dim=(1, 2), keepdim=True) if self.bias.shape[1] == 1 else pixel_mean
+        self.bias.copy_(_marginal_bias(mean, self.output_activation).to(self.bias))
 
     @torch.no_grad()
     def apply_constraints(self) -> None:

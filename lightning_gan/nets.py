@@ -73,6 +73,21 @@ def _clip_row_norms_(linear: nn.Linear, max_norm: float) -> None:
     linear.weight.copy_(torch.renorm(linear.weight, p=2, dim=0, maxnorm=max_norm))
 
 
+def _check_generator_args(noise_dim: int, noise: str, output_activation: str) -> None:
+    if noise_dim < 1:
+        raise ValueError(f"Expected `noise_dim` >= 1, but got {noise_dim}.")
+    if noise not in ("uniform", "gaussian"):
+        raise ValueError(f"Expected `noise` to be 'uniform' or 'gaussian', but got {noise!r}.")
+    if output_activation not in ("sigmoid", "linear"):
+        raise ValueError(f"Expected `output_activation` to be 'sigmoid' or 'linear', but got {output_activation!r}.")
+
+
+def _marginal_bias(pixel_mean: Tensor, output_activation: str) -> Tensor:
+    """The output bias that makes G's output equal ``pixel_mean``: its clipped logit for a sigmoid output."""
+    mean = pixel_mean.double()  # float64, as numpy in pylearn2: 1 - 1e-7 is not a float32
+    return torch.logit(mean.clamp(1e-7, 1 - 1e-7)) if output_activation == "sigmoid" else mean
+
+
 class Maxout(nn.Module):
     """Maxout layer (Goodfellow et al., 2013): an affine map to ``units * pieces`` values, then a max per unit.
 
@@ -129,14 +144,7 @@ class MLPGenerator(nn.Module):
         output_sparse_init: int | None = None,
     ) -> None:
         super().__init__()
-        if noise_dim < 1:
-            raise ValueError(f"Expected `noise_dim` >= 1, but got {noise_dim}.")
-        if noise not in ("uniform", "gaussian"):
-            raise ValueError(f"Expected `noise` to be 'uniform' or 'gaussian', but got {noise!r}.")
-        if output_activation not in ("sigmoid", "linear"):
-            raise ValueError(
-                f"Expected `output_activation` to be 'sigmoid' or 'linear', but got {output_activation!r}."
-            )
+        _check_generator_args(noise_dim, noise, output_activation)
         if len(hidden_activations) != len(hidden_sizes):
             raise ValueError(
                 f"Expected one activation per hidden layer: got {len(hidden_sizes)} hidden sizes but "
@@ -180,15 +188,12 @@ class MLPGenerator(nn.Module):
     @torch.no_grad()
     def init_output_bias(self, pixel_mean: Tensor) -> None:
         """Set the output bias so that G's output starts at the per-pixel marginal ``pixel_mean`` ``(C, H, W)``."""
-        mean = pixel_mean.reshape(-1).double()  # float64, as numpy in pylearn2: 1 - 1e-7 is not a float32
-        if mean.numel() != self.output_layer.bias.numel():
+        if pixel_mean.numel() != self.output_layer.bias.numel():
             raise ValueError(
                 f"Expected a pixel mean of {self.output_layer.bias.numel()} values for out_shape {self.out_shape}, "
                 f"but got {tuple(pixel_mean.shape)}."
             )
-        if self.output_activation == "sigmoid":
-            mean = torch.logit(mean.clamp(1e-7, 1 - 1e-7))
-        self.output_layer.bias.copy_(mean)
+        self.output_layer.bias.copy_(_marginal_bias(pixel_mean.reshape(-1), self.output_activation))
 
     def apply_constraints(self) -> None:
         """Clip incoming weight norms to ``max_col_norm`` (no-op when it is None)."""
