@@ -8,11 +8,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_gan import MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
 
 REAL_DATA_ROOT = Path(
     os.environ.get("LIGHTNING_GAN_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
+
+# CLI flags that shrink configs/mnist.yaml's networks so that a CLI test trains in a second.
+TINY_NETS = [
+    "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
+    "--model.init_args.discriminator.init_args.units=[8,8]",
+]
+
+
+def tiny_nets(keep_prob: float | None = None) -> tuple[MLPGenerator, MaxoutDiscriminator]:
+    """The paper's network types at toy size, for (1, 2, 2) images; dropout keep probabilities .8/.5 as the paper's,
+    or ``keep_prob`` for input and hidden units alike (1.0: no dropout)."""
+    generator = MLPGenerator(
+        noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2), output_bias_from_data=False
+    )
+    keep = {} if keep_prob is None else {"input_keep_prob": keep_prob, "hidden_keep_prob": keep_prob}
+    discriminator = MaxoutDiscriminator(in_shape=(1, 2, 2), units=(6,), pieces=2, **keep)
+    return generator, discriminator
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:

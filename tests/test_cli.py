@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_NETS
 
 from lightning_gan.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY_NETS = [
-    "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
-    "--model.init_args.discriminator.init_args.units=[8,8]",
-]
 
 
 def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_nets
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
+from lightning_gan import GAN
 
 
 class SaveRankState(Callback):
@@ -32,9 +33,7 @@ class SaveRankState(Callback):
 
 
 def tiny_gan(schedule: str, k: int) -> GAN:
-    generator = MLPGenerator(noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2))
-    discriminator = MaxoutDiscriminator(in_shape=(1, 2, 2), units=(6,), pieces=2)
-    return GAN(generator, discriminator, schedule=schedule, k=k)
+    return GAN(*tiny_nets(), schedule=schedule, k=k)
 
 
 @pytest.mark.parametrize(("schedule", "k"), [("alternating", 2), ("simultaneous", 1)])

@@ -6,21 +6,16 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_nets
 from lightning.pytorch import Callback, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan import GAN, ExponentialDecay, MaxoutDiscriminator, MLPGenerator, MomentumRamp
+from lightning_gan import GAN, ExponentialDecay, MaxoutDiscriminator, MomentumRamp
 
 
-def tiny_gan(keep_prob: float = 0.5, **kwargs) -> GAN:
-    generator = MLPGenerator(
-        noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2), output_bias_from_data=False
-    )
-    discriminator = MaxoutDiscriminator(
-        in_shape=(1, 2, 2), units=(6,), pieces=2, input_keep_prob=keep_prob, hidden_keep_prob=keep_prob
-    )
-    return GAN(generator, discriminator, **kwargs)
+def tiny_gan(keep_prob: float | None = None, **kwargs) -> GAN:
+    return GAN(*tiny_nets(keep_prob), **kwargs)
 
 
 def loader(n_batches: int = 12, batch_size: int = 5) -> DataLoader:

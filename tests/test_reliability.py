@@ -14,12 +14,13 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from conftest import TINY_NETS, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
+from lightning_gan import GAN, GANDataModule
 from lightning_gan.cli import build_cli
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 from lightning_gan.resume import (
@@ -36,14 +37,8 @@ BATCHES_PER_EPOCH = 5  # odd, so that with k = 2 the generator's phase crosses t
 
 def tiny_gan(cls: type[GAN] = GAN, **kwargs: Any) -> GAN:
     """Dropout on (the random state matters), k = 2, the lr decay and a momentum ramp that moves every epoch."""
-    generator = MLPGenerator(
-        noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2), output_bias_from_data=False
-    )
-    discriminator = MaxoutDiscriminator(
-        in_shape=(1, 2, 2), units=(6,), pieces=2, input_keep_prob=0.8, hidden_keep_prob=0.5
-    )
     defaults: dict[str, Any] = {"k": 2, "lr_decay": 1.01, "momentum_final": 0.7, "momentum_saturate_epoch": 3}
-    return cls(generator, discriminator, **{**defaults, **kwargs})
+    return cls(*tiny_nets(), **{**defaults, **kwargs})
 
 
 class TinyData(LightningDataModule):
@@ -409,12 +404,6 @@ def test_the_same_seed_gives_the_same_samples(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- bad input (CLI)
-TINY_NETS = [
-    "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
-    "--model.init_args.discriminator.init_args.units=[8,8]",
-]
-
-
 def cli_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", str(CONFIGS / "mnist.yaml"), f"--data.init_args.data_dir={data_dir}",
