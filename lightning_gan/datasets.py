@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,24 @@ class Splits:
     train: Split
     val: Split
     test: Split
+
+
+def _ensure_files(
+    folder: Path,
+    names: list[str],
+    download: Callable[[], object] | None,
+    message: Callable[[Path, list[str], str], str],
+) -> None:
+    """Fetch missing files with ``download`` (if given); if any is still missing, raise FileNotFoundError."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing and download is not None:
+        try:
+            download()
+        except Exception as err:  # torchvision raises RuntimeError or URLError subclasses when offline
+            raise FileNotFoundError(message(folder, missing, f"the download failed: {err}")) from err
+        missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(message(folder, missing, "download=False"))
 
 
 # ---------------------------------------------------------------------------------------------------------- MNIST
@@ -89,16 +108,12 @@ def load_mnist(root: str | Path, download: bool = True) -> Splits:
         ValueError: when a file is truncated or corrupt.
     """
     raw = Path(root) / "MNIST" / "raw"
-    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
-    if missing and download:
-        try:
-            MNIST(str(root), train=True, download=True)
-            MNIST(str(root), train=False, download=True)
-        except Exception as err:  # torchvision raises RuntimeError or URLError subclasses when offline
-            raise FileNotFoundError(_mnist_missing_message(raw, missing, f"the download failed: {err}")) from err
-        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
-    if missing:
-        raise FileNotFoundError(_mnist_missing_message(raw, missing, "download=False"))
+
+    def fetch() -> None:
+        MNIST(str(root), train=True, download=True)
+        MNIST(str(root), train=False, download=True)
+
+    _ensure_files(raw, list(MNIST_FILES), fetch if download else None, _mnist_missing_message)
     for name, (magic, shape) in MNIST_FILES.items():
         check_idx_file(raw / name, magic, shape)
 
@@ -210,15 +225,8 @@ def load_cifar10(root: str | Path, download: bool = True) -> Splits:
     """
     folder = Path(root) / CIFAR10_FOLDER
     names = [*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing and download:
-        try:
-            CIFAR10(str(root), train=True, download=True)
-        except Exception as err:  # torchvision raises RuntimeError or URLError subclasses when offline
-            raise FileNotFoundError(_cifar10_missing_message(folder, missing, f"the download failed: {err}")) from err
-        missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(_cifar10_missing_message(folder, missing, "download=False"))
+    fetch = (lambda: CIFAR10(str(root), train=True, download=True)) if download else None
+    _ensure_files(folder, names, fetch, _cifar10_missing_message)
     data, labels = zip(*(read_cifar10_batch(folder / name) for name in names), strict=True)
     images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).float().div_(255)  # (60000, 3, 32, 32)
     every = Split(images, torch.from_numpy(np.concatenate(labels)))
