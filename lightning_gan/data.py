@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,6 +27,21 @@ TFDTrainSet = Literal["unlabeled", "train", "full_train"]
 _LOADERS = {"mnist": load_mnist, "tfd": load_tfd, "cifar10": load_cifar10}
 
 
+class InMemoryTensors(TensorDataset):
+    """A ``TensorDataset`` that fetches a whole batch with one indexing op per tensor (the DataLoader's
+    ``__getitems__`` protocol), on the tensors' own device: no per-example collation, and data kept on the GPU
+    needs no host-to-device copy (only the batch's indices travel)."""
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long).to(self.tensors[0].device, non_blocking=True)
+        return [t.index_select(0, index) for t in self.tensors]
+
+
+def _whole_batch(batch: list[Tensor]) -> list[Tensor]:
+    """Collate for :class:`InMemoryTensors`, whose ``__getitems__`` already returns the batch."""
+    return batch
+
+
 class GANDataModule(LightningDataModule):
     """MNIST, TFD or CIFAR-10 with the paper's splits; batches are ``(images (B, C, H, W), labels (B,))``.
 
@@ -43,6 +59,8 @@ class GANDataModule(LightningDataModule):
         fold: TFD fold, 0-4.
         tfd_train_set: TFD rows to train on: ``unlabeled`` (the authors), ``train`` or ``full_train`` (train+valid).
         tfd_image_size: 48 or 96 (reads ``TFD_48x48.mat`` or ``TFD_96x96.mat``).
+        device_resident: keep every split on the training device (e.g. the GPU) from ``setup`` on: batches are
+            gathered there, with no host-to-device copy per step. Needs ``num_workers=0``.
 
     Raises:
         ValueError: for an unknown dataset or preprocessing, a non-positive batch size, or bad TFD arguments.
@@ -59,6 +77,7 @@ class GANDataModule(LightningDataModule):
         fold: int = 0,
         tfd_train_set: TFDTrainSet = "unlabeled",
         tfd_image_size: Literal[48, 96] = 48,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in _LOADERS:
@@ -77,6 +96,11 @@ class GANDataModule(LightningDataModule):
             raise ValueError(
                 f"Expected `tfd_train_set` to be 'unlabeled', 'train' or 'full_train', but got {tfd_train_set!r}."
             )
+        if device_resident and num_workers > 0:
+            raise ValueError(
+                f"`device_resident=True` keeps the data on the accelerator, where DataLoader workers cannot read it; "
+                f"set `num_workers` to 0 (got {num_workers})."
+            )
         if tfd_image_size not in (48, 96):
             raise ValueError(f"Expected `tfd_image_size` to be 48 or 96, but got {tfd_image_size!r}.")
         self.save_hyperparameters()
@@ -87,6 +111,7 @@ class GANDataModule(LightningDataModule):
         self.download = download
         self.preprocessing = preprocessing
         self.fold, self.tfd_train_set, self.tfd_image_size = fold, tfd_train_set, tfd_image_size
+        self.device_resident = device_resident
         self.splits: Splits | None = None
 
     def prepare_data(self) -> None:
@@ -98,6 +123,14 @@ class GANDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self._load()
+        if self.device_resident and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.splits = Splits(
+                *(
+                    Split(s.images.to(device), s.labels.to(device))
+                    for s in (self.splits.train, self.splits.val, self.splits.test)
+                )
+            )
 
     def _load(self) -> Splits:
         if self.dataset == "tfd":
@@ -135,7 +168,8 @@ class GANDataModule(LightningDataModule):
         data = self._split(split)
         # resumable mid-epoch (exact order after a checkpoint), and draws nothing from the global random generators
         return ResumableDataLoader(
-            TensorDataset(data.images, data.labels),
+            InMemoryTensors(data.images, data.labels),
+            collate_fn=_whole_batch,
             batch_size=self.batch_size,
             shuffle=split == "train",
             drop_last=split == "train",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer, seed_everything
 
-from lightning_gan import GANDataModule
+from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
 
 
@@ -74,3 +75,46 @@ def test_real_mnist(real_mnist_root: Path) -> None:
     # known facts about real MNIST: mean pixel ~0.13, labels 0-9 all present
     assert dm.splits.train.images.mean().item() == pytest.approx(0.1307, abs=0.002)
     assert dm.splits.test.labels.unique().tolist() == list(range(10))
+
+
+def test_batches_are_gathered_in_one_op_and_equal_per_example_collation(mnist_root: Path) -> None:
+    dm = GANDataModule(data_dir=mnist_root, batch_size=7, download=False)
+    dm.setup()
+    images, labels = next(iter(dm.val_dataloader()))
+    plain = next(
+        iter(
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(dm.splits.val.images, dm.splits.val.labels), batch_size=7
+            )
+        )
+    )
+    torch.testing.assert_close(images, plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(labels, plain[1], rtol=0, atol=0)
+
+
+def test_device_resident_data_trains_identically(mnist_root: Path) -> None:
+    def fit(device_resident: bool) -> dict[str, torch.Tensor]:
+        seed_everything(0, verbose=False)
+        gan = GAN(MLPGenerator(hidden_sizes=(16,), hidden_activations=("relu",)), MaxoutDiscriminator(units=(8,)))
+        dm = GANDataModule(data_dir=mnist_root, download=False, device_resident=device_resident)
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=5,
+            limit_val_batches=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(gan, datamodule=dm)
+        assert dm.splits.train.images.device == trainer.strategy.root_device
+        return gan.state_dict()
+
+    resident, default = fit(True), fit(False)
+    for name, tensor in resident.items():
+        torch.testing.assert_close(tensor, default[name], rtol=0, atol=0, msg=name)
+
+
+def test_device_resident_data_needs_no_workers() -> None:
+    with pytest.raises(ValueError, match="num_workers"):
+        GANDataModule(device_resident=True, num_workers=2)
