@@ -88,22 +88,18 @@ class ParzenEvaluation(Callback):
         mine = range(rank, n_chunks, world)
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         chunks = []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):  # the training noise stream is left untouched
             for c in mine:
                 torch.manual_seed(self.seed + c)
                 chunks.append(pl_module.sample(self.chunk_size).flatten(1))
+            dim = chunks[0].shape[1] if chunks else pl_module.sample(1).flatten(1).shape[1]  # a rank with no chunk
         per_rank = math.ceil(n_chunks / world)
-        dim = chunks[0].shape[1] if chunks else self._dimension(pl_module)
         local = torch.zeros(per_rank, self.chunk_size, dim, device=pl_module.device)
         if chunks:
             local[: len(chunks)] = torch.stack(chunks)
         gathered = pl_module.all_gather(local) if world > 1 else local.unsqueeze(0)  # (W, per_rank, chunk, D)
         ordered = [gathered[c % world, c // world] for c in range(n_chunks)]
         return torch.cat(ordered)[: self.num_samples]
-
-    @staticmethod
-    def _dimension(pl_module: LightningModule) -> int:
-        return pl_module.sample(1).flatten(1).shape[1]
 
     # ------------------------------------------------------------------ data
     @staticmethod

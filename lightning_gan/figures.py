@@ -401,7 +401,7 @@ class CollapseMonitor(Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         metrics = self.measure(pl_module)
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # the same on every rank
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # the same on every rank: nothing to reduce
         spread, nn = metrics["monitor/relative_distance"], metrics["monitor/relative_nn_distance"]
         collapsed = spread < self.min_relative_distance or nn < self.min_relative_nn_distance
         self.collapsed_checks = self.collapsed_checks + 1 if collapsed else 0
@@ -438,12 +438,18 @@ class GANProgressBar(RichProgressBar):
     ) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme or RichProgressBarTheme())
         self.metrics = list(metrics)
+        self._shown: dict[str, float] = {}
 
     @override
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        for name in self.metrics:
-            value = trainer.callback_metrics.get(name)
-            if value is not None:
-                items[name.removeprefix("train/")] = float(value)
+        # `float()` of a device tensor is a host sync on a GPU: refresh the values only on the steps whose metrics go
+        # to the loggers (which sync there anyway), and show the last ones in between.
+        if not self._shown or trainer._logger_connector.should_update_logs:
+            self._shown = {
+                name.removeprefix("train/"): float(value)
+                for name in self.metrics
+                if (value := trainer.callback_metrics.get(name)) is not None
+            }
+        items.update(self._shown)
         return items

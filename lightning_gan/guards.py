@@ -52,6 +52,13 @@ def _advice(network: str) -> str:
     )
 
 
+def _across_ranks(tensor: Tensor, op: torch.distributed.ReduceOp) -> Tensor:
+    """All-reduce in place when distributed (one collective: Lightning's ``strategy.reduce`` adds a barrier)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor
+
+
 class NonFiniteGuard:
     """The ``nonfinite`` policy of :class:`~lightning_gan.GAN`: ``"stop"`` or ``"skip"`` (see the module docstring
     for what it costs). :attr:`skipped` counts the updates left out; it is checkpointed with the GAN."""
@@ -83,7 +90,7 @@ class NonFiniteGuard:
                 self._first = torch.full((), _NONE_YET, dtype=torch.long, device=gan.device)
             self._first = torch.minimum(self._first, found)
             return True
-        flags = gan.trainer.strategy.reduce(bad.float(), reduce_op="max").tolist()  # the same on every rank
+        flags = _across_ranks(bad.float(), torch.distributed.ReduceOp.MAX).tolist()  # the same on every rank
         if not any(flags):
             return True
         network = _NETWORKS[fixed if fixed is not None else int(flags[0]) + 2 * int(flags[1]) - 1]
@@ -104,7 +111,7 @@ class NonFiniteGuard:
         """Raise :class:`NonFiniteError` if the deferred check saw a non-finite loss (one host sync)."""
         if self._first is None or gan._trainer is None:
             return
-        first = int(gan.trainer.strategy.reduce(self._first.clone(), reduce_op="min").item())
+        first = int(_across_ranks(self._first.clone(), torch.distributed.ReduceOp.MIN).item())
         if first >= _NONE_YET:
             return
         step, index = divmod(first, 4)

@@ -171,13 +171,11 @@ class GAN(LightningModule):
                 )
         return optimizer
 
-    def _schedulers_of(self, optimizer: Optimizer, kind: type) -> list[Any]:
+    def _schedulers(self, kind: type, optimizer: Optimizer | None = None) -> list[Any]:
+        """This module's schedulers of type ``kind`` (of ``optimizer`` only, if given)."""
         schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return []
-        if not isinstance(schedulers, Sequence):
-            schedulers = [schedulers]
-        return [s for s in schedulers if isinstance(s, kind) and s.optimizer is optimizer]
+        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, Sequence) else [schedulers]
+        return [s for s in schedulers if isinstance(s, kind) and optimizer in (None, s.optimizer)]
 
     # ------------------------------------------------------------------ fit-time setup
     def setup(self, stage: str) -> None:
@@ -211,8 +209,8 @@ class GAN(LightningModule):
         self.generator.init_output_bias(pixel_mean())
 
     def on_train_start(self) -> None:
-        self._d_decay = self._schedulers_of(self._optimizer(0), ExponentialDecay)
-        self._g_decay = self._schedulers_of(self._optimizer(1), ExponentialDecay)
+        self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
+        self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
 
     def _optimizer(self, index: int) -> Optimizer:
         optimizer = self.trainer.optimizers[index]
@@ -244,11 +242,11 @@ class GAN(LightningModule):
         for decay in decays:
             decay.step()
 
-    def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> tuple[Tensor, Tensor]:
+    def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> Tensor:
         """Generator loss on fresh noise; the discriminator's parameters get no gradient from it."""
         with self.toggled_optimizer(g_opt):
             fake_logits = self.discriminator(self.generator(self.generator.sample_noise(n, self.device)))
-        return self.generator_loss_fn(fake_logits), fake_logits
+        return self.generator_loss_fn(fake_logits)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         real = self._real_images(batch)
@@ -288,7 +286,7 @@ class GAN(LightningModule):
                 self._skip_update(d_opt, counted=True)
             g_loss = None
             if self.global_step % self.k == 0:
-                g_loss, _ = self._generator_objective(g_opt, n)
+                g_loss = self._generator_objective(g_opt, n)
                 g_opt.zero_grad(set_to_none=True)
                 self.manual_backward(g_loss)
                 if self._guard.allows(self, step, None, g_loss):
@@ -297,20 +295,15 @@ class GAN(LightningModule):
                     self._skip_update(g_opt, counted=False)
         self._log_step("train", d_loss, g_loss, real_logits, fake_logits)
 
-    def _momentum_ramps(self) -> list[MomentumRamp]:
-        schedulers = self.lr_schedulers()
-        schedulers = schedulers if isinstance(schedulers, Sequence) else [schedulers]
-        return [s for s in schedulers if isinstance(s, MomentumRamp)]
-
     def on_train_epoch_start(self) -> None:
         # A checkpoint saved at the end of validation precedes on_train_epoch_end: catch up the ramp on resume.
-        for ramp in self._momentum_ramps():
+        for ramp in self._schedulers(MomentumRamp):
             while ramp.last_epoch < self.current_epoch:
                 ramp.step()
 
     def on_train_epoch_end(self) -> None:
         self._guard.check_deferred(self)
-        for ramp in self._momentum_ramps():
+        for ramp in self._schedulers(MomentumRamp):
             ramp.step()
 
     @property
@@ -341,7 +334,11 @@ class GAN(LightningModule):
         if g_loss is not None:
             metrics[f"{prefix}/g_loss"] = g_loss.detach()
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=False)
-        if on_step:
+        if on_step and self.nonfinite == "skip":  # "skip" reads its flag back every update anyway (see guards.py)
+            self.log("train/skipped_updates", float(self.skipped_updates), on_step=True, on_epoch=False)
+        # Python numbers become device tensors when logged (a host-to-device copy, a sync on a GPU): log them only on
+        # the steps whose values reach the loggers. (Lightning's own LearningRateMonitor asks the same question.)
+        if on_step and self.trainer._logger_connector.should_update_logs:
             d_opt, g_opt = self._optimizer(0), self._optimizer(1)
             self.log_dict(
                 {
@@ -352,7 +349,6 @@ class GAN(LightningModule):
                         for tag, opt in (("d", d_opt), ("g", g_opt))
                         if "momentum" in opt.param_groups[0]
                     },
-                    **({"train/skipped_updates": float(self.skipped_updates)} if self.nonfinite == "skip" else {}),
                 },
                 on_step=True,
                 on_epoch=False,
@@ -393,7 +389,7 @@ class GAN(LightningModule):
         # stream is left untouched.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(batch_idx)
+            torch.manual_seed(batch_idx * self.trainer.world_size + self.global_rank)  # distinct on every rank
             z = self.generator.sample_noise(real.shape[0], self.device)
         fake = self.generator(z)
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)

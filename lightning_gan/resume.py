@@ -46,6 +46,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
+from lightning_gan.figures import run_dir
+
 __all__ = [
     "AtomicCheckpointIO",
     "EpochRandomSampler",
@@ -287,7 +289,8 @@ class InterruptCheckpoint(Callback):
     * SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current step and stops; this callback then
       saves ``<dirpath>/<filename>.ckpt``. The same for a first Ctrl-C (SIGINT), which this callback turns into the
       same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
-      step). Under DDP, rank 0's signal stops every rank at the same step.
+      step). Under DDP, a signal on any rank stops every rank at the same step: the ranks agree on it every
+      ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent checkpoint together.
     * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.module.NonFiniteError`): the checkpoints
       already written are kept as they are.
 
@@ -297,12 +300,19 @@ class InterruptCheckpoint(Callback):
         dirpath: folder of the checkpoint; ``None``: the folder of the trainer's ``ModelCheckpoint`` (nothing is
             saved without one, i.e. with ``enable_checkpointing=False``).
         filename: file name without the ``.ckpt`` extension.
+        sync_every_n_steps: under DDP, how often the ranks agree on whether to stop (each time a host sync on GPUs).
     """
 
-    def __init__(self, dirpath: str | Path | None = None, filename: str = "interrupted") -> None:
+    def __init__(
+        self, dirpath: str | Path | None = None, filename: str = "interrupted", sync_every_n_steps: int = 10
+    ) -> None:
         super().__init__()
         if not filename:
             raise ValueError("Expected a non-empty `filename` for the interruption checkpoint.")
+        if sync_every_n_steps < 1:
+            raise ValueError(f"Expected `sync_every_n_steps` >= 1, but got {sync_every_n_steps}.")
+        self.sync_every_n_steps = sync_every_n_steps
+        self._stop_requested = False
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
         self._trainer: Trainer | None = None
@@ -318,11 +328,7 @@ class InterruptCheckpoint(Callback):
         if checkpoint.dirpath is not None:
             return Path(checkpoint.dirpath)
         # ModelCheckpoint resolves its folder in its own `setup`, which runs after this one: the same rule
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version / "checkpoints"
-        return Path(trainer.default_root_dir) / "checkpoints"
+        return run_dir(trainer) / "checkpoints"
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -352,6 +358,23 @@ class InterruptCheckpoint(Callback):
             connector.received_sigterm = True
         else:  # a Lightning without that flag: let its SIGTERM handler do the same
             os.kill(os.getpid(), signal.SIGTERM)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.world_size == 1:
+            return
+        # Lightning stops a rank as soon as *its* flag is set, at the end of this batch: a rank stopping alone would
+        # then wait forever in the checkpoint's collectives. Hold the flag back until all ranks agree.
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            self._stop_requested, connector.received_sigterm = True, False
+        if trainer.global_step % self.sync_every_n_steps == 0:
+            flag = torch.tensor(float(self._stop_requested), device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0:
+                connector.received_sigterm = True
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():

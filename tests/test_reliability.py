@@ -487,3 +487,38 @@ def test_a_folder_without_write_permission_is_named(tmp_path: Path, monkeypatch:
     with pytest.raises(PermissionError, match=r"Cannot write checkpoints to .*out.*Permission denied"):
         check_writable(tmp_path / "out", "checkpoints")
     assert not (tmp_path / "out").exists()
+
+
+class SignalOnRankZero(Callback):
+    """Rank 0 alone gets the stop signal at global step 4 (as a Ctrl-C / SIGTERM reaching one process first)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == 4:
+            trainer._signal_connector.received_sigterm = True
+
+
+class RecordStop(Callback):
+    """Records the step at which each rank would stop, then stops cleanly (the fork launcher used here cannot end a
+    run by Lightning's SIGTERMException; `ddp` processes started by torchrun or SLURM do)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer._signal_connector.received_sigterm:
+            (self.folder / f"stop{trainer.global_rank}").write_text(str(trainer.global_step))
+            trainer._signal_connector.received_sigterm = False
+            trainer.should_stop = True
+
+
+def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    seed_everything(0, verbose=False)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False,
+        callbacks=[SignalOnRankZero(), InterruptCheckpoint(sync_every_n_steps=3), RecordStop(tmp_path)],
+    )  # fmt: skip
+    with time_limit(120):
+        trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH))
+    # without the agreement rank 0 would stop alone at step 4 and hang in the checkpoint's collectives
+    assert (tmp_path / "stop0").read_text() == (tmp_path / "stop1").read_text() == "6"
