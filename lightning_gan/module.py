@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -111,8 +112,11 @@ class GAN(LightningModule):
                 f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
                 "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
             )
-        # The networks are checkpointed as weights; LightningCLI stores their configuration with the run.
-        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        # From LightningCLI the hyperparameters are the parsed config, networks included, so that `lightning-gan test
+        # --ckpt_path` (which re-reads them) and `GAN.load_from_checkpoint(path)` rebuild the networks. Networks passed
+        # as modules from plain Python are in the checkpoint as weights only, and are left out.
+        from_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_cli else ["generator", "discriminator"])
         self.automatic_optimization = False
         self.generator = generator
         self.discriminator = discriminator

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_NETS
 
+from lightning_gan import GAN
 from lightning_gan.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,23 +44,34 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
 def test_test_subcommand_restores_a_checkpoint_and_prints_the_parzen_result(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    build_cli(fit_args(mnist_root, tmp_path))
-    ckpt = next(tmp_path.rglob("*.ckpt"))
-    args = fit_args(mnist_root, tmp_path)
-    args[0] = "test"
-    cli = build_cli(
-        [
-            *args[:1],
-            *[a for a in args[1:] if not a.startswith(("--trainer.max_steps",))],
-            f"--ckpt_path={ckpt}",
-            "--trainer.limit_test_batches=2",
-        ]
+    # as a user: a config file, then `test` with the same config and the checkpoint (which the CLI also re-reads)
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(
+        "model:\n  init_args:\n"
+        "    generator:\n      init_args: {hidden_sizes: [16, 16]}\n"
+        "    discriminator:\n      init_args: {units: [8, 8]}\n"
     )
+    common = [
+        "--config",
+        str(CONFIGS / "mnist.yaml"),
+        "--config",
+        str(tiny),
+        f"--data.init_args.data_dir={mnist_root}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    build_cli(["fit", *common, "--trainer.max_steps=4", "--trainer.limit_val_batches=2"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    cli = build_cli(["test", *common, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=2"])
     assert "test/d_loss" in cli.trainer.callback_metrics
-    assert "parzen/test_ll" in cli.trainer.callback_metrics
     ll = cli.trainer.callback_metrics["parzen/test_ll"].item()
     se = cli.trainer.callback_metrics["parzen/test_se"].item()
     assert f"Parzen log-likelihood (MNIST test): {ll:.1f} ± {se:.1f} nats, sigma " in capsys.readouterr().out
+    # the checkpoint alone rebuilds the networks from the configuration it carries
+    gan = GAN.load_from_checkpoint(ckpt)
+    assert gan.generator.net[0].out_features == 16
+    assert gan.sample(3).shape == (3, 1, 28, 28)
 
 
 def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

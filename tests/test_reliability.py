@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_gan import GAN, GANDataModule
+from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.cli import build_cli
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 from lightning_gan.resume import (
@@ -459,13 +459,21 @@ def test_a_checkpoint_of_other_networks_is_named_with_the_fix_before_training(mn
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert any(isinstance(c, InterruptCheckpoint) for c in cli.trainer.callbacks)
     checkpoint = next((tmp_path / "first").rglob("*.ckpt"))
+    # through the CLI the checkpoint's own network configuration wins (LightningCLI re-reads its hyperparameters)
     bigger = "--model.init_args.generator.init_args.hidden_sizes=[32,16]"
+    resumed = build_cli(cli_args(mnist_root, tmp_path / "second", bigger, f"--ckpt_path={checkpoint}"))
+    assert resumed.model.generator.net[0].out_features == 16
+    # from Python, other networks are refused before training, naming the mismatch and the fix
+    generator = MLPGenerator(hidden_sizes=(32, 16), hidden_activations=("relu", "relu"))
+    gan = GAN(generator, MaxoutDiscriminator(units=(8, 8)))
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path / "third")  # fmt: skip
     with pytest.raises(ValueError, match="another architecture") as error:
-        build_cli(cli_args(mnist_root, tmp_path / "second", bigger, f"--ckpt_path={checkpoint}"))
+        trainer.fit(gan, datamodule=GANDataModule(data_dir=mnist_root, download=False), ckpt_path=checkpoint)
     message = str(error.value)
     assert "generator.net.0.weight has shape (16, 100) in the checkpoint but (32, 100) in this model" in message
     assert "config.yaml" in message and str(checkpoint) in message
-    assert not list((tmp_path / "second").rglob("*.ckpt"))
+    assert not list((tmp_path / "third").rglob("*.ckpt"))
 
 
 def test_an_unwritable_output_folder_fails_before_training_with_nothing_written(
