@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -32,9 +33,33 @@ class InMemoryTensors(TensorDataset):
     ``__getitems__`` protocol), on the tensors' own device: no per-example collation, and data kept on the GPU
     needs no host-to-device copy (only the batch's indices travel)."""
 
-    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+    def __getitems__(self, indices: list[int] | Tensor) -> list[Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long).to(self.tensors[0].device, non_blocking=True)
         return [t.index_select(0, index) for t in self.tensors]
+
+
+class _IndicesOnDevice:
+    """A batch sampler's batches as index tensors on ``device``: each pass's indices are copied there at once (one
+    copy per epoch instead of one per batch, which on a GPU would also wait for the queued work to finish)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], device: torch.device) -> None:
+        self.batch_sampler, self.device = batch_sampler, device
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        batches = list(self.batch_sampler)
+        flat = torch.tensor([i for batch in batches for i in batch], dtype=torch.long).to(self.device)
+        yield from flat.split([len(batch) for batch in batches])
+
+
+class _DeviceIndexLoader(ResumableDataLoader):
+    """A :class:`ResumableDataLoader` over tensors on a device, handing them their batch indices already there."""
+
+    @property
+    def _index_sampler(self) -> Any:  # type: ignore[override]
+        return _IndicesOnDevice(super()._index_sampler, self.dataset.tensors[0].device)
 
 
 def _whole_batch(batch: list[Tensor]) -> list[Tensor]:
@@ -167,7 +192,8 @@ class GANDataModule(LightningDataModule):
     def _dataloader(self, split: str) -> DataLoader:
         data = self._split(split)
         # resumable mid-epoch (exact order after a checkpoint), and draws nothing from the global random generators
-        return ResumableDataLoader(
+        loader = _DeviceIndexLoader if self.device_resident else ResumableDataLoader
+        return loader(
             InMemoryTensors(data.images, data.labels),
             collate_fn=_whole_batch,
             batch_size=self.batch_size,

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gan.graphed import GraphedUpdates, check_graph_safe, graph_constants, make_graph_safe, restore_settings
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.resume import rng_state, set_rng_state
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
@@ -68,12 +69,20 @@ class GAN(LightningModule):
             see :mod:`lightning_gan.guards`). ``"skip"``: leave that update out (the batch still counts in
             ``global_step``), count it in :attr:`skipped_updates` and log ``train/skipped_updates``; it stops all
             the same when the network's parameters are non-finite.
+        cuda_graph: on a CUDA device, capture each batch's whole update as a CUDA graph and replay it (see
+            :mod:`lightning_gan.graphed`): the same update, without the host launching hundreds of kernels per batch.
+            Needs ``torch.optim.SGD``, ``Adam`` or ``AdamW``, one device, non-mixed precision and ``nonfinite="stop"``;
+            callbacks' ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step`` are not
+            called. Elsewhere (CPU) training runs the usual eager update, unchanged.
 
     Raises:
         ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,
-            ``lr_decay < 1``, or an unknown ``nonfinite``.
+            ``lr_decay < 1``, an unknown ``nonfinite``, or ``cuda_graph`` with ``nonfinite="skip"``.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
+
+    # Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
+    _graphs_need_cuda = True
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class GAN(LightningModule):
         momentum_start_epoch: int = 1,
         momentum_saturate_epoch: int = 250,
         nonfinite: NonFinite = "stop",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(k, int) or k < 1:
@@ -112,6 +122,11 @@ class GAN(LightningModule):
                 f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
                 "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
             )
+        if cuda_graph and nonfinite == "skip":
+            raise ValueError(
+                "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
+                "`nonfinite: stop` with `cuda_graph: true`, or `cuda_graph: false`."
+            )
         # From LightningCLI the hyperparameters are the parsed config, networks included, so that `lightning-gan test
         # --ckpt_path` (which re-reads them) and `GAN.load_from_checkpoint(path)` rebuild the networks. Networks passed
         # as modules from plain Python are in the checkpoint as weights only, and are left out.
@@ -130,6 +145,10 @@ class GAN(LightningModule):
         self.momentum_start_epoch, self.momentum_saturate_epoch = momentum_start_epoch, momentum_saturate_epoch
         self.nonfinite = nonfinite
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
+        self.cuda_graph = cuda_graph
+        self._graphs: GraphedUpdates | None = None
+        self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
+        self._user_optimizer_settings: list[list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -149,6 +168,9 @@ class GAN(LightningModule):
             self._make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
             self._make_optimizer("generator", self.generator_optimizer, self.generator),
         ]
+        if self.cuda_graph:  # checked on every device, so that a config tried on a CPU also runs on a GPU
+            check_graph_safe(optimizers[0], "discriminator")
+            check_graph_safe(optimizers[1], "generator")
         schedulers: list[Any] = []
         if self.lr_decay != 1:
             schedulers += [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers]
@@ -198,6 +220,8 @@ class GAN(LightningModule):
             # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
             # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+        if stage == "fit" and self.cuda_graph:
+            self._check_cuda_graph_fits()
         if stage == "fit" and trainer.ckpt_path is None and getattr(self.generator, "output_bias_from_data", False):
             self._init_output_bias_from_data()
 
@@ -215,6 +239,24 @@ class GAN(LightningModule):
     def on_train_start(self) -> None:
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
+        self._graphs = None
+        if self.cuda_graph and self.device.type != "cuda" and self._graphs_need_cuda:
+            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
+        elif self.cuda_graph:
+            # After the checkpoint restore (which replaces optimizer state): graphs capture the tensors as they are.
+            optimizers = [self._optimizer(0), self._optimizer(1)]
+            self._user_optimizer_settings = [make_graph_safe(opt, self.device) for opt in optimizers]
+            self._graphs = GraphedUpdates(self._graph_update)
+
+    def _check_cuda_graph_fits(self) -> None:
+        trainer = self.trainer
+        problem = None
+        if trainer.world_size > 1:
+            problem = f"runs on one device, but this run has {trainer.world_size} processes"
+        elif str(trainer.precision).endswith("-mixed"):
+            problem = f"does not support mixed precision (precision={trainer.precision!r}); use 32-true or bf16-true"
+        if problem:
+            raise ValueError(f"`cuda_graph=True` {problem}: set `model.init_args.cuda_graph: false`.")
 
     def _optimizer(self, index: int) -> Optimizer:
         optimizer = self.trainer.optimizers[index]
@@ -240,11 +282,35 @@ class GAN(LightningModule):
                 optimizer.step()
             finally:
                 optimizer._on_before_step, optimizer._on_after_step = before, after
+        self._constrain(network)
+        for decay in decays:
+            decay.step()
+
+    @staticmethod
+    def _constrain(network: nn.Module) -> None:
         apply_constraints = getattr(network, "apply_constraints", None)
         if callable(apply_constraints):
             apply_constraints()
-        for decay in decays:
-            decay.step()
+
+    def _simultaneous_losses(self, real: Tensor, g_opt: LightningOptimizer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both objectives from one noise draw and the same discriminator parameters. The generator's pass through D
+        is a second forward with D's parameters frozen (its own dropout mask), so that one backward gives each
+        network exactly its own gradient."""
+        fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake.detach())
+        d_loss = self.discriminator_loss(real_logits, fake_logits)
+        with self.toggled_optimizer(g_opt):
+            g_loss = self.generator_loss_fn(self.discriminator(fake))
+        return d_loss, g_loss, real_logits, fake_logits
+
+    def _discriminator_objective(self, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Discriminator loss on ``real`` and fresh samples, and the two batches' logits."""
+        with torch.no_grad():
+            fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake)
+        return self.discriminator_loss(real_logits, fake_logits), real_logits, fake_logits
 
     def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> Tensor:
         """Generator loss on fresh noise; the discriminator's parameters get no gradient from it."""
@@ -254,19 +320,13 @@ class GAN(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         real = self._real_images(batch)
+        if self._graphs is not None:
+            self._graphed_training_step(real)
+            return
         d_opt, g_opt = self.optimizers()
         n, step = real.shape[0], self.global_step
         if self.schedule == "simultaneous":
-            # Both objectives from one noise draw and the same discriminator parameters. The generator's pass
-            # through D is a second forward with D's parameters frozen (its own dropout mask), so that one backward
-            # gives each network exactly its own gradient.
-            z = self.generator.sample_noise(n, self.device)
-            fake = self.generator(z)
-            real_logits = self.discriminator(real)
-            fake_logits = self.discriminator(fake.detach())
-            d_loss = self.discriminator_loss(real_logits, fake_logits)
-            with self.toggled_optimizer(g_opt):
-                g_loss = self.generator_loss_fn(self.discriminator(fake))
+            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(d_loss + g_loss)
@@ -277,11 +337,7 @@ class GAN(LightningModule):
                 self._skip_update(d_opt, counted=True)
                 self._skip_update(g_opt, counted=False)
         else:
-            with torch.no_grad():
-                fake = self.generator(self.generator.sample_noise(n, self.device))
-            real_logits = self.discriminator(real)
-            fake_logits = self.discriminator(fake)
-            d_loss = self.discriminator_loss(real_logits, fake_logits)
+            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
             d_opt.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             if self._guard.allows(self, step, d_loss, None):
@@ -297,7 +353,61 @@ class GAN(LightningModule):
                     self._update(g_opt, self.generator, self._g_decay, counted=False)
                 else:
                     self._skip_update(g_opt, counted=False)
-        self._log_step("train", d_loss, g_loss, real_logits, fake_logits)
+        if g_loss is not None:
+            self._last_g_loss = g_loss.detach()
+        if self.trainer._logger_connector.should_update_logs:
+            d_real, d_fake = torch.sigmoid(real_logits.detach()).mean(), torch.sigmoid(fake_logits.detach()).mean()
+            self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
+
+    # ------------------------------------------------------------------ the CUDA-graph fast path (cuda_graph=True)
+    def _graph_update(self, real: Tensor, generator_step: bool) -> Tensor:
+        """One batch's update as ``training_step`` makes it, with the optimizers stepped directly and nothing read
+        back to the host: the body of the CUDA graph. Returns ``[d_loss, g_loss (NaN if no G step), D(x), D(G(z))]``.
+        """
+        d_opt, g_opt = self.optimizers()
+        if self.schedule == "simultaneous":
+            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
+            d_opt.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
+            (d_loss + g_loss).backward()
+            self._raw_step(d_opt, self.discriminator)
+            self._raw_step(g_opt, self.generator)
+        else:
+            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._raw_step(d_opt, self.discriminator)
+            g_loss = torch.full_like(d_loss, float("nan"))
+            if generator_step:
+                g_loss = self._generator_objective(g_opt, real.shape[0])
+                g_opt.zero_grad(set_to_none=True)
+                g_loss.backward()
+                self._raw_step(g_opt, self.generator)
+        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+        return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
+
+    def _raw_step(self, optimizer: LightningOptimizer, network: nn.Module) -> None:
+        optimizer.optimizer.step()
+        self._constrain(network)
+
+    def _graphed_training_step(self, real: Tensor) -> None:
+        assert self._graphs is not None
+        d_opt, _ = self.optimizers()
+        step = self.global_step
+        generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
+        stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
+        if generator_step:
+            self._last_g_loss = stats[1]
+        self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)  # deferred on a GPU: no sync
+        self._count_step(d_opt)
+        # The decays write the next learning rates into the device tensors that the graph reads.
+        for decay in self._d_decay + (self._g_decay if generator_step else []):
+            decay.step()
+        if self.trainer._logger_connector.should_update_logs:
+            # copies: the next replay overwrites the graph's outputs
+            g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()
+            stats = stats.clone()
+            self._log_step("train", stats[0], g_loss, stats[2], stats[3])
 
     def on_train_epoch_start(self) -> None:
         # A checkpoint saved at the end of validation precedes on_train_epoch_end: catch up the ramp on resume.
@@ -315,34 +425,34 @@ class GAN(LightningModule):
         """Updates left out for a non-finite loss (``nonfinite="skip"``); checkpointed."""
         return self._guard.skipped
 
+    @staticmethod
+    def _count_step(optimizer: LightningOptimizer) -> None:
+        """Advance ``global_step`` by one, as a discriminator ``optimizer.step()`` through Lightning does."""
+        optimizer._on_before_step()
+        optimizer._on_after_step()
+
     def _skip_update(self, optimizer: LightningOptimizer, counted: bool) -> None:
         """Leave an update out; a counted (discriminator) one still advances ``global_step``, as a batch was used."""
         optimizer.zero_grad(set_to_none=True)
         if counted:
-            optimizer._on_before_step()
-            optimizer._on_after_step()
+            self._count_step(optimizer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._guard.deferred(self) and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             self._guard.check_deferred(self)
 
-    def _log_step(
-        self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, real_logits: Tensor, fake_logits: Tensor
-    ) -> None:
+    def _log_step(self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, d_real: Tensor, d_fake: Tensor) -> None:
+        """Log the losses and the discriminator's mean outputs (in training, ``g_loss`` is the latest generator
+        update's). Training metrics are logged only on the steps whose values reach the loggers (all they would see):
+        each ``self.log`` costs Lightning about a millisecond of host time, more than a whole MNIST update on a GPU."""
         on_step = prefix == "train"
-        metrics = {
-            f"{prefix}/d_loss": d_loss.detach(),
-            f"{prefix}/d_real": torch.sigmoid(real_logits.detach()).mean(),
-            f"{prefix}/d_fake": torch.sigmoid(fake_logits.detach()).mean(),
-        }
+        metrics = {f"{prefix}/d_loss": d_loss.detach(), f"{prefix}/d_real": d_real, f"{prefix}/d_fake": d_fake}
         if g_loss is not None:
             metrics[f"{prefix}/g_loss"] = g_loss.detach()
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=False)
         if on_step and self.nonfinite == "skip":  # "skip" reads its flag back every update anyway (see guards.py)
             self.log("train/skipped_updates", float(self.skipped_updates), on_step=True, on_epoch=False)
-        # Python numbers become device tensors when logged (a host-to-device copy, a sync on a GPU): log them only on
-        # the steps whose values reach the loggers. (Lightning's own LearningRateMonitor asks the same question.)
-        if on_step and self.trainer._logger_connector.should_update_logs:
+        if on_step:
             d_opt, g_opt = self._optimizer(0), self._optimizer(1)
             self.log_dict(
                 {
@@ -368,10 +478,20 @@ class GAN(LightningModule):
             states = [None] * trainer.world_size
             torch.distributed.all_gather_object(states, rng_state(self.device))
         checkpoint["lightning_gan"] = {"rng_states": states, "skipped_updates": self.skipped_updates}
+        if self._graphs is not None and self._user_optimizer_settings is not None:
+            # Written as an eager run writes it: the user's optimizer settings and float learning rates.
+            states = checkpoint.get("optimizer_states", [])
+            for state, saved in zip(states, self._user_optimizer_settings, strict=False):
+                restore_settings(state, saved)
+            for scheduler in checkpoint.get("lr_schedulers", []):
+                if "_last_lr" in scheduler:
+                    scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""
         check_architecture(self, checkpoint)
+        if self._graphs is not None:
+            self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
         state = checkpoint.get("lightning_gan") or {}
         self._guard.skipped = int(state.get("skipped_updates", 0))
         trainer = self._trainer
@@ -398,7 +518,8 @@ class GAN(LightningModule):
         fake = self.generator(z)
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         d_loss = self.discriminator_loss(real_logits, fake_logits)
-        self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits)
+        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+        self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), d_real, d_fake)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx, "val")

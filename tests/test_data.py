@@ -115,6 +115,23 @@ def test_device_resident_data_trains_identically(mnist_root: Path) -> None:
         torch.testing.assert_close(tensor, default[name], rtol=0, atol=0, msg=name)
 
 
+def test_device_resident_batches_are_the_default_batches_also_when_resumed_mid_epoch(mnist_root: Path) -> None:
+    def batches(device_resident: bool, split: str) -> list[torch.Tensor]:
+        dm = GANDataModule(data_dir=mnist_root, download=False, batch_size=300, device_resident=device_resident)
+        dm.setup("fit")
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        if split == "train":
+            loader.load_state_dict({"epoch": 0, "batches": 160, "seed": 7})  # 6 of 166 batches left
+            loader.sampler.seed = 7
+        return [images for images, _ in loader]
+
+    for split in ("train", "val"):  # val: 10000 / 300 leaves a last batch of 100
+        resident, default = batches(True, split), batches(False, split)
+        assert [len(b) for b in resident] == [len(b) for b in default]
+        assert all(torch.equal(a, b) for a, b in zip(resident, default, strict=True))
+    assert len(resident) == 34 and len(batches(True, "train")) == 6
+
+
 def test_device_resident_data_needs_no_workers() -> None:
     with pytest.raises(ValueError, match="num_workers"):
         GANDataModule(device_resident=True, num_workers=2)

@@ -1,0 +1,136 @@
+"""The GPU fast path of :class:`~lightning_gan.GAN` (``cuda_graph=True``): each training batch's whole update (forward
+passes, backward pass, optimizer steps, weight-norm constraints) captured once as a CUDA graph and replayed, so that
+the host issues one launch per batch instead of hundreds of kernels, and never waits for the device.
+
+What a graph bakes in, and how it stays right:
+
+* Tensors are used in place: parameters, gradients, optimizer state and the static input buffer keep their storage,
+  so replays update the very parameters the module holds (validation, checkpoints and callbacks see them as usual).
+* Learning rates become 0-d device tensors, which a scheduler's ``step()`` overwrites in place (``fill_``), and the
+  optimizers switch to their fused implementations, which read them from the device (torch provides this for
+  ``SGD``, ``Adam`` and ``AdamW``). Checkpoints are written with the user's own settings and float learning rates.
+* Every other hyperparameter (momentum, betas, weight decay, ...) is a constant of the graph: when one changes (the
+  momentum ramp, once per epoch) the update is captured again. So is it for each new batch shape.
+* Random numbers (noise, dropout masks) come from the device generator, which CUDA graphs advance on every replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_FLAGS = ("lr", "fused", "foreach", "capturable")
+
+
+def check_graph_safe(optimizer: Optimizer, name: str) -> None:
+    """Raise a ``ValueError`` naming the fix when ``optimizer`` has no fused, device-lr implementation in torch."""
+    if type(optimizer) not in GRAPH_SAFE_OPTIMIZERS:
+        supported = ", ".join(f"torch.optim.{cls.__name__}" for cls in GRAPH_SAFE_OPTIMIZERS)
+        raise ValueError(
+            f"`cuda_graph=True` needs optimizers whose step can run inside a CUDA graph ({supported}), but the {name} "
+            f"optimizer is {type(optimizer).__module__}.{type(optimizer).__name__}: choose one of those, or set "
+            "`cuda_graph: false`."
+        )
+    if any(group.get("differentiable", False) for group in optimizer.param_groups):
+        raise ValueError(f"`cuda_graph=True` cannot use the {name} optimizer with `differentiable=True`.")
+
+
+def make_graph_safe(optimizer: Optimizer, device: torch.device) -> list[dict[str, Any]]:
+    """Switch ``optimizer`` to device learning rates and its fused step; return each group's own settings."""
+    saved = [{key: group.get(key) for key in _FLAGS} for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["fused"], group["foreach"] = True, False
+        if "capturable" in group:  # Adam(W) refuse capture without it, fused or not
+            group["capturable"] = True
+    for state in optimizer.state.values():  # the fused step keeps its step count on the device
+        if isinstance(state.get("step"), Tensor):
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+    return saved
+
+
+def restore_settings(optimizer_state: dict[str, Any], saved: list[dict[str, Any]]) -> None:
+    """Put the user's settings, with float learning rates, back into a state dict of a graph-safe optimizer."""
+    for group, own in zip(optimizer_state["param_groups"], saved, strict=True):
+        for key, value in own.items():
+            if key == "lr":
+                group["lr"] = float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"]
+            elif value is not None or key in group:
+                group[key] = value
+
+
+def graph_constants(optimizers: list[Optimizer]) -> tuple[Any, ...]:
+    """The optimizer hyperparameters a captured graph holds as constants (all but params and tensor values)."""
+    return tuple(
+        tuple((key, value) for key, value in group.items() if key != "params" and not isinstance(value, Tensor))
+        for optimizer in optimizers
+        for group in optimizer.param_groups
+    )
+
+
+class GraphedUpdates:
+    """Runs ``update(real, variant)``, captured as a CUDA graph per (variant, batch shape, optimizer constants) and
+    replayed after that.
+
+    The first ``warmup`` calls of each variant run eagerly on a side stream (as torch's CUDA-graph recipe asks: lazy
+    state such as momentum buffers and library workspaces must exist before capture, or the graph would re-create
+    it on every replay); on a device other than CUDA every call runs eagerly. ``update`` must only launch device
+    work: it may not read values back to the host.
+    """
+
+    def __init__(self, update: Callable[[Tensor, Hashable], Tensor], warmup: int = 3) -> None:
+        self.update = update
+        self.warmup = warmup
+        self.captures = 0
+        self._calls: dict[Hashable, int] = {}
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._constants: tuple[Any, ...] | None = None
+        self._pool: Any = None
+
+    def reset(self) -> None:
+        """Drop every graph (the tensors they captured may have been replaced, e.g. by a checkpoint restore)."""
+        self._graphs.clear()
+        self._constants = None
+        self._calls.clear()
+
+    def __call__(self, real: Tensor, variant: Hashable, constants: tuple[Any, ...]) -> Tensor:
+        """This batch's update; returns its statistics tensor (overwritten by the next call: copy to keep it)."""
+        if real.device.type != "cuda":
+            return self.update(real, variant)
+        if constants != self._constants:
+            self._graphs.clear()
+            self._constants = constants
+        key = (variant, tuple(real.shape), real.dtype)
+        entry = self._graphs.get(key)
+        if entry is None:
+            self._calls[variant] = self._calls.get(variant, 0) + 1
+            if self._calls[variant] <= self.warmup:
+                return self._run_on_side_stream(real, variant)
+            entry = self._graphs[key] = self._capture(real, variant)
+        graph, static_real, stats = entry
+        static_real.copy_(real)
+        graph.replay()
+        return stats
+
+    def _run_on_side_stream(self, real: Tensor, variant: Hashable) -> Tensor:
+        stream = torch.cuda.Stream(device=real.device)
+        stream.wait_stream(torch.cuda.current_stream(real.device))
+        with torch.cuda.stream(stream):
+            stats = self.update(real, variant)
+        torch.cuda.current_stream(real.device).wait_stream(stream)
+        return stats
+
+    def _capture(self, real: Tensor, variant: Hashable) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static_real = real.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            stats = self.update(static_real, variant)
+        self._pool = graph.pool()  # graphs of one module share their memory
+        self.captures += 1
+        return graph, static_real, stats

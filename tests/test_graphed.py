@@ -1,0 +1,177 @@
+"""The CUDA-graph fast path (``cuda_graph=True``): unchanged eager training on the CPU, the fast path's bookkeeping
+(steps, schedules, logging, checkpoints) against the eager update, clear errors, and on a GPU the replayed graph
+against the eager update."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_nets
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gan import GAN
+from lightning_gan.graphed import GraphedUpdates
+
+BATCHES = 6
+
+
+def make_gan(cls: type[GAN] = GAN, **kwargs: Any) -> GAN:
+    """Equal initial weights every call; dropout on (the two paths' random streams must match too); a decay and a
+    momentum ramp that move visibly."""
+    seed_everything(0, verbose=False)
+    defaults: dict[str, Any] = {"lr_decay": 1.01, "momentum_final": 0.7, "momentum_saturate_epoch": 3}
+    return cls(*tiny_nets(), **{**defaults, **kwargs})
+
+
+def loader(device: str = "cpu") -> DataLoader:
+    data = torch.rand(BATCHES * 4, 1, 2, 2, generator=torch.Generator().manual_seed(0)).to(device)
+    return DataLoader(TensorDataset(data), batch_size=4)
+
+
+class RecordStep(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.graphed = pl_module._graphs is not None
+
+
+def fit(
+    gan: GAN, root: Path, device: str = "cpu", epochs: int = 2, ckpt_path: Path | None = None, **kwargs: Any
+) -> Trainer:
+    seed_everything(0, verbose=False)
+    trainer = Trainer(
+        accelerator=device,
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", [])),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=2,
+        default_root_dir=root,
+        **kwargs,
+    )
+    trainer.fit(gan, loader(device), ckpt_path=ckpt_path)
+    return trainer
+
+
+def flat(gan: GAN) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().cpu() for p in gan.parameters()])
+
+
+def test_on_a_cpu_cuda_graph_trains_eagerly_with_identical_results(tmp_path: Path) -> None:
+    eager = make_gan()
+    fit(eager, tmp_path)
+    graphed = make_gan(cuda_graph=True)
+    record = RecordStep()
+    fit(graphed, tmp_path, callbacks=[record])
+    assert not record.graphed
+    assert torch.equal(flat(eager), flat(graphed))
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the fast path's bookkeeping on the CPU; its update is then made eagerly (no capture off CUDA)."""
+    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
+
+
+@pytest.mark.usefixtures("fast_path_on_cpu")
+@pytest.mark.parametrize(
+    ("schedule", "k", "optimizer"),
+    [
+        ("simultaneous", 1, None),
+        ("alternating", 1, None),
+        ("alternating", 2, None),
+        ("alternating", 2, partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))),
+    ],
+)
+def test_fast_path_makes_the_eager_update(tmp_path: Path, schedule: str, k: int, optimizer: Any) -> None:
+    ramp = {"momentum_final": None} if optimizer is not None else {}
+    options = {"schedule": schedule, "k": k, "discriminator_optimizer": optimizer, "generator_optimizer": optimizer}
+    eager = make_gan(**options, **ramp)
+    eager_trainer = fit(eager, tmp_path)
+    graphed = make_gan(**options, **ramp, cuda_graph=True)
+    record = RecordStep()
+    graphed_trainer = fit(graphed, tmp_path, callbacks=[record])
+    assert record.graphed
+    # fused optimizer steps round differently from torch's default (foreach) ones: equal to float32 rounding
+    torch.testing.assert_close(flat(graphed), flat(eager), rtol=1e-5, atol=1e-6)
+    assert graphed_trainer.global_step == eager_trainer.global_step == 2 * BATCHES
+    assert graphed.generator_updates == eager.generator_updates
+    for index in (0, 1):
+        graphed_group, eager_group = graphed._optimizer(index).param_groups[0], eager._optimizer(index).param_groups[0]
+        assert float(graphed_group["lr"]) == pytest.approx(eager_group["lr"], rel=1e-6)
+        assert graphed_group.get("momentum") == eager_group.get("momentum")
+    logged = graphed_trainer.callback_metrics
+    assert {"train/d_loss", "train/d_real", "train/d_fake", "train/lr_d"} <= set(logged)
+    assert torch.isfinite(logged["train/d_loss"])
+    assert torch.isfinite(logged["train/g_loss"])  # with k = 2 the logged (odd) steps make none: the latest is logged
+    torch.testing.assert_close(
+        logged["train/d_loss"], eager_trainer.callback_metrics["train/d_loss"], rtol=1e-4, atol=0
+    )
+
+
+@pytest.mark.usefixtures("fast_path_on_cpu")
+def test_fast_path_checkpoints_are_eager_checkpoints_and_resume_both_ways(tmp_path: Path) -> None:
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
+    fit(make_gan(cuda_graph=True), tmp_path, callbacks=[checkpoints])
+    path = tmp_path / "checkpoints" / "epoch=1-step=12.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    for state in checkpoint["optimizer_states"]:
+        group = state["param_groups"][0]
+        assert isinstance(group["lr"], float) and group["fused"] is None and group["foreach"] is None
+    assert all(isinstance(lr, float) for s in checkpoint["lr_schedulers"] for lr in s.get("_last_lr", []))
+    # resumed eagerly, and by the fast path, both continue the same run
+    eager = make_gan()
+    fit(eager, tmp_path / "eager", epochs=3, ckpt_path=path)
+    graphed = make_gan(cuda_graph=True)
+    fit(graphed, tmp_path / "graphed", epochs=3, ckpt_path=path)
+    torch.testing.assert_close(flat(graphed), flat(eager), rtol=1e-5, atol=1e-6)
+    assert isinstance(graphed._optimizer(0).param_groups[0]["lr"], torch.Tensor)  # on the fast path again
+
+
+def test_fast_path_refuses_what_a_graph_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"nonfinite='skip'.*use `nonfinite: stop`"):
+        make_gan(cuda_graph=True, nonfinite="skip")
+    rmsprop = make_gan(cuda_graph=True, discriminator_optimizer=partial(torch.optim.RMSprop, lr=1e-3))
+    with pytest.raises(ValueError, match=r"discriminator optimizer is torch\.optim\.rmsprop\.RMSprop: choose one"):
+        fit(rmsprop, tmp_path)
+    with pytest.raises(ValueError, match=r"does not support mixed precision.*cuda_graph: false"):
+        fit(make_gan(cuda_graph=True), tmp_path, precision="bf16-mixed")
+    gan = make_gan(cuda_graph=True)
+    gan._trainer = SimpleNamespace(world_size=2, precision="32-true")
+    with pytest.raises(ValueError, match="runs on one device, but this run has 2 processes"):
+        gan._check_cuda_graph_fits()
+
+
+def test_graphed_updates_run_eagerly_off_cuda() -> None:
+    calls = []
+    updates = GraphedUpdates(lambda real, variant: calls.append(variant) or real.sum())
+    assert updates(torch.ones(3), "dg", ()) == 3
+    assert calls == ["dg"] and updates.captures == 0
+
+
+class NeverCaptured(GAN):
+    """The fast path's update and bookkeeping, run eagerly: every call is a warm-up call."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._graphs.warmup = 10**9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("schedule", "k"), [("simultaneous", 1), ("alternating", 2)])
+def test_on_a_gpu_the_replayed_graph_makes_the_eager_update(tmp_path: Path, schedule: str, k: int) -> None:
+    eager = make_gan(NeverCaptured, schedule=schedule, k=k, cuda_graph=True)
+    fit(eager, tmp_path, device="cuda", epochs=3)
+    graphed = make_gan(schedule=schedule, k=k, cuda_graph=True)
+    fit(graphed, tmp_path, device="cuda", epochs=3)
+    assert eager._graphs.captures == 0
+    assert graphed._graphs.captures == 3 * (1 if k == 1 else 2)  # recaptured as the momentum ramp moves each epoch
+    # the same kernels on the same random stream (CUDA graphs advance the generator as the eager kernels do)
+    torch.testing.assert_close(flat(graphed), flat(eager), rtol=1e-5, atol=1e-6)
