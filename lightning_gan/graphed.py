@@ -91,7 +91,6 @@ class GraphedUpdates:
         self._calls: dict[Hashable, int] = {}
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._constants: tuple[Any, ...] | None = None
-        self._pool: Any = None
 
     def reset(self) -> None:
         """Drop every graph (the tensors they captured may have been replaced, e.g. by a checkpoint restore)."""
@@ -129,8 +128,8 @@ class GraphedUpdates:
     def _capture(self, real: Tensor, variant: Hashable) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_real = real.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Each graph has its own memory pool: graphs sharing one must replay in capture order, and ours interleave.
+        with torch.cuda.graph(graph):
             stats = self.update(static_real, variant)
-        self._pool = graph.pool()  # graphs of one module share their memory
         self.captures += 1
         return graph, static_real, stats

@@ -32,3 +32,5 @@ def test_reproduce_mnist_writes_its_tables(mnist_root: Path, tmp_path: Path) -> 
     assert all(0.1 <= float(r["sigma"]) <= 1.0 for r in written)  # chosen from the paper's grid
     markdown = (tmp_path / "reproduce_mnist.md").read_text()
     assert "Selected by validation LL" in markdown
+    assert "Flags: --model.init_args.generator.init_args.hidden_sizes=[16,16]" in markdown
+    assert (tmp_path / "reproduce_mnist_samples.png").stat().st_size > 0
