@@ -83,10 +83,9 @@ class ParzenTable(Callback):
             "test_se": round((test_ll.std(correction=0) / len(test_ll) ** 0.5).item(), 2),
         }
         if not self.rows or row["val_ll"] > max(r["val_ll"] for r in self.rows):
-            images = samples[:100].view(-1, *dm.splits.val.images.shape[1:])
-            save_image(
-                dm.to_display(images).cpu(), self.out_stem.with_name(self.out_stem.name + "_samples.png"), nrow=10
-            )
+            images = dm.to_display(samples[:100].view(-1, *dm.splits.val.images.shape[1:])).cpu()
+            self.out_stem.parent.mkdir(parents=True, exist_ok=True)
+            save_image(images, self.out_stem.with_name(self.out_stem.name + "_samples.png"), nrow=10)
         self.rows.append(row)
         self.evaluated_at_step = trainer.global_step
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
