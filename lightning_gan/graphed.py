@@ -17,11 +17,16 @@ What a graph bakes in, and how it stays right:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from lightning_gan.module import GAN
 
 GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _FLAGS = ("lr", "fused", "foreach", "capturable")
@@ -133,3 +138,97 @@ class GraphedUpdates:
             stats = self.update(static_real, variant)
         self.captures += 1
         return graph, static_real, stats
+
+
+class CudaGraphTraining:
+    """The fast path of :class:`~lightning_gan.GAN` (``cuda_graph=True``), as a mixin: its training step replays the
+    batch's update from a :class:`GraphedUpdates` and keeps the books (steps, decays, non-finite check, logging) on the
+    host, without reading anything back from the device."""
+
+    # Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
+    _graphs_need_cuda = True
+    _graphs: GraphedUpdates | None = None
+    _user_optimizer_settings: list[list[dict[str, Any]]] | None = None
+
+    def _check_cuda_graph_fits(self: GAN) -> None:
+        trainer = self.trainer
+        problem = None
+        if trainer.world_size > 1:
+            problem = f"runs on one device, but this run has {trainer.world_size} processes"
+        elif str(trainer.precision).endswith("-mixed"):
+            problem = f"does not support mixed precision (precision={trainer.precision!r}); use 32-true or bf16-true"
+        if problem:
+            raise ValueError(f"`cuda_graph=True` {problem}: set `model.init_args.cuda_graph: false`.")
+
+    def _start_cuda_graphs(self: GAN) -> None:
+        """At the start of training, after any checkpoint restore (which replaces the optimizers' state tensors)."""
+        self._graphs = None
+        if not self.cuda_graph:
+            return
+        if self.device.type != "cuda" and self._graphs_need_cuda:
+            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
+            return
+        optimizers = [self._optimizer(0), self._optimizer(1)]
+        self._user_optimizer_settings = [make_graph_safe(opt, self.device) for opt in optimizers]
+        self._graphs = GraphedUpdates(self._graph_update)
+
+    def _graph_update(self: GAN, real: Tensor, generator_step: bool) -> Tensor:
+        """One batch's update as ``training_step`` makes it, with the optimizers stepped directly and nothing read
+        back to the host: the body of the CUDA graph. Returns ``[d_loss, g_loss (NaN if no G step), D(x), D(G(z))]``.
+        """
+        d_opt, g_opt = self.optimizers()
+        if self.schedule == "simultaneous":
+            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
+            d_opt.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
+            (d_loss + g_loss).backward()
+            self._raw_step(d_opt, self.discriminator)
+            self._raw_step(g_opt, self.generator)
+        else:
+            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._raw_step(d_opt, self.discriminator)
+            g_loss = torch.full_like(d_loss, float("nan"))
+            if generator_step:
+                g_loss = self._generator_objective(g_opt, real.shape[0])
+                g_opt.zero_grad(set_to_none=True)
+                g_loss.backward()
+                self._raw_step(g_opt, self.generator)
+        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+        return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
+
+    def _graphed_training_step(self: GAN, real: Tensor) -> None:
+        assert self._graphs is not None
+        d_opt, _ = self.optimizers()
+        step = self.global_step
+        generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
+        stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
+        if generator_step:
+            self._last_g_loss = stats[1]
+        self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)  # deferred on a GPU: no sync
+        self._count_step(d_opt)
+        # The decays write the next learning rates into the device tensors that the graph reads.
+        for decay in self._d_decay + (self._g_decay if generator_step else []):
+            decay.step()
+        if self.trainer._logger_connector.should_update_logs:
+            # copies: the next replay overwrites the graph's outputs
+            g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()
+            stats = stats.clone()
+            self._log_step("train", stats[0], g_loss, stats[2], stats[3])
+
+    def _checkpoint_as_eager(self, checkpoint: dict[str, Any]) -> None:
+        """Write the checkpoint as an eager run writes it: the user's optimizer settings, float learning rates."""
+        if self._graphs is None or self._user_optimizer_settings is None:
+            return
+        states = checkpoint.get("optimizer_states", [])
+        for state, saved in zip(states, self._user_optimizer_settings, strict=False):
+            restore_settings(state, saved)
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "_last_lr" in scheduler:
+                scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
+
+    def _raw_step(self: GAN, optimizer: LightningOptimizer, network: nn.Module) -> None:
+        """The optimizer's own step (not Lightning's, whose hooks count steps on the host), then the constraints."""
+        optimizer.optimizer.step()
+        self._constrain(network)

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gan.graphed import GraphedUpdates, check_graph_safe, graph_constants, make_graph_safe, restore_settings
+from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.resume import rng_state, set_rng_state
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
@@ -42,7 +42,7 @@ def _do_nothing() -> None:
     return None
 
 
-class GAN(LightningModule):
+class GAN(CudaGraphTraining, LightningModule):
     """Generative adversarial nets trained by the paper's Algorithm 1, or by the authors' simultaneous update.
 
     Args:
@@ -80,9 +80,6 @@ class GAN(LightningModule):
             ``lr_decay < 1``, an unknown ``nonfinite``, or ``cuda_graph`` with ``nonfinite="skip"``.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
-
-    # Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
-    _graphs_need_cuda = True
 
     def __init__(
         self,
@@ -146,9 +143,7 @@ class GAN(LightningModule):
         self.nonfinite = nonfinite
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
-        self._graphs: GraphedUpdates | None = None
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
-        self._user_optimizer_settings: list[list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -239,24 +234,7 @@ class GAN(LightningModule):
     def on_train_start(self) -> None:
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
-        self._graphs = None
-        if self.cuda_graph and self.device.type != "cuda" and self._graphs_need_cuda:
-            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
-        elif self.cuda_graph:
-            # After the checkpoint restore (which replaces optimizer state): graphs capture the tensors as they are.
-            optimizers = [self._optimizer(0), self._optimizer(1)]
-            self._user_optimizer_settings = [make_graph_safe(opt, self.device) for opt in optimizers]
-            self._graphs = GraphedUpdates(self._graph_update)
-
-    def _check_cuda_graph_fits(self) -> None:
-        trainer = self.trainer
-        problem = None
-        if trainer.world_size > 1:
-            problem = f"runs on one device, but this run has {trainer.world_size} processes"
-        elif str(trainer.precision).endswith("-mixed"):
-            problem = f"does not support mixed precision (precision={trainer.precision!r}); use 32-true or bf16-true"
-        if problem:
-            raise ValueError(f"`cuda_graph=True` {problem}: set `model.init_args.cuda_graph: false`.")
+        self._start_cuda_graphs()
 
     def _optimizer(self, index: int) -> Optimizer:
         optimizer = self.trainer.optimizers[index]
@@ -359,56 +337,6 @@ class GAN(LightningModule):
             d_real, d_fake = torch.sigmoid(real_logits.detach()).mean(), torch.sigmoid(fake_logits.detach()).mean()
             self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
-    # ------------------------------------------------------------------ the CUDA-graph fast path (cuda_graph=True)
-    def _graph_update(self, real: Tensor, generator_step: bool) -> Tensor:
-        """One batch's update as ``training_step`` makes it, with the optimizers stepped directly and nothing read
-        back to the host: the body of the CUDA graph. Returns ``[d_loss, g_loss (NaN if no G step), D(x), D(G(z))]``.
-        """
-        d_opt, g_opt = self.optimizers()
-        if self.schedule == "simultaneous":
-            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
-            d_opt.zero_grad(set_to_none=True)
-            g_opt.zero_grad(set_to_none=True)
-            (d_loss + g_loss).backward()
-            self._raw_step(d_opt, self.discriminator)
-            self._raw_step(g_opt, self.generator)
-        else:
-            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self._raw_step(d_opt, self.discriminator)
-            g_loss = torch.full_like(d_loss, float("nan"))
-            if generator_step:
-                g_loss = self._generator_objective(g_opt, real.shape[0])
-                g_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                self._raw_step(g_opt, self.generator)
-        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
-        return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
-
-    def _raw_step(self, optimizer: LightningOptimizer, network: nn.Module) -> None:
-        optimizer.optimizer.step()
-        self._constrain(network)
-
-    def _graphed_training_step(self, real: Tensor) -> None:
-        assert self._graphs is not None
-        d_opt, _ = self.optimizers()
-        step = self.global_step
-        generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
-        stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
-        if generator_step:
-            self._last_g_loss = stats[1]
-        self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)  # deferred on a GPU: no sync
-        self._count_step(d_opt)
-        # The decays write the next learning rates into the device tensors that the graph reads.
-        for decay in self._d_decay + (self._g_decay if generator_step else []):
-            decay.step()
-        if self.trainer._logger_connector.should_update_logs:
-            # copies: the next replay overwrites the graph's outputs
-            g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()
-            stats = stats.clone()
-            self._log_step("train", stats[0], g_loss, stats[2], stats[3])
-
     def on_train_epoch_start(self) -> None:
         # A checkpoint saved at the end of validation precedes on_train_epoch_end: catch up the ramp on resume.
         for ramp in self._schedulers(MomentumRamp):
@@ -478,14 +406,7 @@ class GAN(LightningModule):
             states = [None] * trainer.world_size
             torch.distributed.all_gather_object(states, rng_state(self.device))
         checkpoint["lightning_gan"] = {"rng_states": states, "skipped_updates": self.skipped_updates}
-        if self._graphs is not None and self._user_optimizer_settings is not None:
-            # Written as an eager run writes it: the user's optimizer settings and float learning rates.
-            states = checkpoint.get("optimizer_states", [])
-            for state, saved in zip(states, self._user_optimizer_settings, strict=False):
-                restore_settings(state, saved)
-            for scheduler in checkpoint.get("lr_schedulers", []):
-                if "_last_lr" in scheduler:
-                    scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
+        self._checkpoint_as_eager(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of lightning-gan, sized for a short lease of one GPU (README "Results" holds what they measured).
+#
+#   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
+#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~3 min)
+#   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
+#
+# `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
+# ../shared/datasets). The GPU machine needs a python3 with torch, lightning, torchvision, torchmetrics, scipy, h5py
+# and pytest; the wheels bring what LightningCLI needs besides (jsonargparse and its signature helpers). Results are
+# written under $OUT (default benchmarks/results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+WHEELS=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0)
+
+use_wheels() {
+    if compgen -G ".device-wheels/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .device-wheels/*.whl
+        export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    fi
+    export PYTHONPATH="$PWD:${PYTHONPATH:-}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
+    mkdir -p "$OUT"
+}
+
+case "${1:-}" in
+prepare)
+    raw="${LIGHTNING_GAN_DATA_ROOT:-../shared/datasets}/MNIST/raw"
+    mkdir -p .device-data/MNIST/raw .device-wheels
+    install -m 644 "$raw"/*-ubyte .device-data/MNIST/raw/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .device-wheels "${WHEELS[@]}"
+    ls -l .device-data/MNIST/raw .device-wheels
+    ;;
+check)
+    use_wheels
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu_check.txt"
+    python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" \
+        | tee -a "$OUT/gpu_check.txt"
+    # a failing test is reported, and the throughput is measured all the same
+    (python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py tests/test_parzen.py 2>&1 || true) | tail -15 \
+        | tee -a "$OUT/gpu_check.txt"
+    python3 benchmarks/throughput.py --device cuda --steps 2000 --warmup 50 --repeats 3 --data-dir .device-data \
+        2>&1 | grep -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
+    ;;
+reproduce)
+    use_wheels
+    config="$2" minutes="$3"
+    shift 3
+    name="$(basename "$config" .yaml)_$(date +%H%M%S)"
+    python3 benchmarks/reproduce_mnist.py --config "$config" --data-dir .device-data --minutes "$minutes" \
+        --eval-every 20 --out "$OUT" --name "$name" -- "$@" 2>&1 | grep -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
+    ;;
+*)
+    sed -n '2,10p' "$0"
+    exit 2
+    ;;
+esac
