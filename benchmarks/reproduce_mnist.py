@@ -54,7 +54,8 @@ class ParzenTable(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # a time budget can end training mid-epoch: evaluate the final weights too
         if trainer.global_step != self.evaluated_at_step:
-            self.evaluate(trainer, pl_module, trainer.current_epoch + 1)
+            # a part epoch: counted in epochs of training batches
+            self.evaluate(trainer, pl_module, round(trainer.global_step / trainer.num_training_batches, 2))
 
     @staticmethod
     def _sync(pl_module) -> None:
@@ -62,7 +63,7 @@ class ParzenTable(Callback):
             torch.cuda.synchronize()
 
     @torch.no_grad()
-    def evaluate(self, trainer, pl_module, epoch: int) -> None:
+    def evaluate(self, trainer, pl_module, epoch: float) -> None:
         dm = trainer.datamodule
         with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
             torch.manual_seed(self.args.sample_seed)
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    hardware = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    hardware = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     table = ParzenTable(args, args.out / f"reproduce_{args.name or args.config.stem}", hardware)
     trainer = Trainer(
         accelerator=accelerator,

@@ -134,8 +134,16 @@ class GraphedUpdates:
         static_real = real.clone()
         graph = torch.cuda.CUDAGraph()
         # Each graph has its own memory pool: graphs sharing one must replay in capture order, and ours interleave.
-        with torch.cuda.graph(graph):
-            stats = self.update(static_real, variant)
+        # "thread_local": CUDA calls of other threads (a DataLoader's pin-memory thread) may go on during capture.
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                stats = self.update(static_real, variant)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"Capturing the training update as a CUDA graph failed: {err}. The update (networks, losses, "
+                "optimizer steps) must run on the GPU without reading values back to the host (no `.item()`, "
+                "`.cpu()`, `if tensor:` or CPU tensors); fix that, or set `model.init_args.cuda_graph: false`."
+            ) from err
         self.captures += 1
         return graph, static_real, stats
 
@@ -148,6 +156,7 @@ class CudaGraphTraining:
     # Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
     _graphs_need_cuda = True
     _graphs: GraphedUpdates | None = None
+    _graph_step: Tensor
     _user_optimizer_settings: list[list[dict[str, Any]]] | None = None
 
     def _check_cuda_graph_fits(self: GAN) -> None:
@@ -170,6 +179,10 @@ class CudaGraphTraining:
             return
         optimizers = [self._optimizer(0), self._optimizer(1)]
         self._user_optimizer_settings = [make_graph_safe(opt, self.device) for opt in optimizers]
+        # The step, counted on the device by the update itself (the non-finite check records it without the host),
+        # and the check's record, made before any capture so that the graphs update them in place.
+        self._graph_step = torch.full((), self.global_step, dtype=torch.long, device=self.device)
+        self._guard.first_bad(self.device)
         self._graphs = GraphedUpdates(self._graph_update)
 
     def _graph_update(self: GAN, real: Tensor, generator_step: bool) -> Tensor:
@@ -177,24 +190,30 @@ class CudaGraphTraining:
         back to the host: the body of the CUDA graph. Returns ``[d_loss, g_loss (NaN if no G step), D(x), D(G(z))]``.
         """
         d_opt, g_opt = self.optimizers()
+        # the non-finite check, recorded as training_step records it (one or both networks per update)
+        record = self._guard.record if self._guard.deferred(self) else lambda *args: None
         if self.schedule == "simultaneous":
             d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
             (d_loss + g_loss).backward()
+            record(self, self._graph_step, d_loss, g_loss)
             self._raw_step(d_opt, self.discriminator)
             self._raw_step(g_opt, self.generator)
         else:
             d_loss, real_logits, fake_logits = self._discriminator_objective(real)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
+            record(self, self._graph_step, d_loss, None)
             self._raw_step(d_opt, self.discriminator)
             g_loss = torch.full_like(d_loss, float("nan"))
             if generator_step:
                 g_loss = self._generator_objective(g_opt, real.shape[0])
                 g_opt.zero_grad(set_to_none=True)
                 g_loss.backward()
+                record(self, self._graph_step, None, g_loss)
                 self._raw_step(g_opt, self.generator)
+        self._graph_step.add_(1)
         d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
         return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
 
@@ -206,7 +225,8 @@ class CudaGraphTraining:
         stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
         if generator_step:
             self._last_g_loss = stats[1]
-        self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)  # deferred on a GPU: no sync
+        if not self._guard.deferred(self):  # on a GPU the update itself recorded it
+            self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)
         self._count_step(d_opt)
         # The decays write the next learning rates into the device tensors that the graph reads.
         for decay in self._d_decay + (self._g_decay if generator_step else []):

@@ -80,16 +80,12 @@ class NonFiniteGuard:
         Raises:
             NonFiniteError: see above; also under ``"skip"`` when the network's parameters are non-finite already.
         """
+        if self.deferred(gan):
+            self.record(gan, step, d_loss, g_loss)
+            return True
         losses = [loss.detach() for loss in (d_loss, g_loss) if loss is not None]
         bad = ~torch.isfinite(torch.stack(losses))  # (1,) or (2,)
         fixed = 0 if g_loss is None else 1 if d_loss is None else None
-        if self.deferred(gan):
-            index = bad[0].long() + 2 * bad[1].long() - 1 if fixed is None else fixed
-            found = torch.where(bad.any(), step * 4 + index, _NONE_YET)
-            if self._first is None:
-                self._first = torch.full((), _NONE_YET, dtype=torch.long, device=gan.device)
-            self._first = torch.minimum(self._first, found)
-            return True
         flags = _across_ranks(bad.float(), torch.distributed.ReduceOp.MAX).tolist()  # the same on every rank
         if not any(flags):
             return True
@@ -106,6 +102,20 @@ class NonFiniteGuard:
             )
         self.skipped += len(losses)
         return False
+
+    def record(self, gan: GAN, step: int | Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> None:
+        """Deferred ``"stop"``: keep the first non-finite (step, network) on the device, updated in place, with no
+        host sync (so it also runs inside a CUDA graph, with ``step`` a device tensor)."""
+        bad = ~torch.isfinite(torch.stack([loss.detach() for loss in (d_loss, g_loss) if loss is not None]))
+        index = 0 if g_loss is None else 1 if d_loss is None else bad[0].long() + 2 * bad[1].long() - 1
+        found = torch.where(bad.any(), step * 4 + index, _NONE_YET)
+        torch.minimum(self.first_bad(gan.device), found, out=self._first)
+
+    def first_bad(self, device: torch.device) -> Tensor:
+        """The deferred record (``step * 4 + network index``, or a sentinel), created on first use."""
+        if self._first is None:
+            self._first = torch.full((), _NONE_YET, dtype=torch.long, device=device)
+        return self._first
 
     def check_deferred(self, gan: GAN) -> None:
         """Raise :class:`NonFiniteError` if the deferred check saw a non-finite loss (one host sync)."""

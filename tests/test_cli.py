@@ -41,6 +41,17 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
     assert gan.generator.output_layer.bias.shape == pixel_mean.shape
 
 
+def test_fit_from_the_fast_mnist_config(mnist_root: Path, tmp_path: Path) -> None:
+    args = fit_args(mnist_root, tmp_path)
+    args[args.index(str(CONFIGS / "mnist.yaml"))] = str(CONFIGS / "mnist_fast.yaml")
+    cli = build_cli(args)
+    assert cli.trainer.global_step == 4
+    gan = cli.model
+    assert gan.cuda_graph and gan.schedule == "alternating" and gan.lr_decay == 1.0 and gan.momentum_final is None
+    assert [type(opt) for opt in cli.trainer.optimizers] == [torch.optim.Adam, torch.optim.Adam]
+    assert cli.datamodule.device_resident
+
+
 def test_test_subcommand_restores_a_checkpoint_and_prints_the_parzen_result(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
