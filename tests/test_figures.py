@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -243,6 +244,16 @@ def test_progress_bar_shows_losses_and_parzen() -> None:
     )
     items = bar.get_metrics(trainer, None)  # type: ignore[arg-type]
     assert items["d_loss"] == 0.5 and items["parzen/val_ll"] == 123.0 and "g_loss" not in items
+
+
+def test_progress_bar_redraws_every_refresh_rate_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    redrawn: list[int] = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: redrawn.append(i))
+    monkeypatch.setattr(GANProgressBar, "total_train_batches", property(lambda self: 25))
+    bar = GANProgressBar(refresh_rate=10)
+    for batch_idx in range(25):
+        bar.on_train_batch_end(None, None, None, None, batch_idx)  # type: ignore[arg-type]
+    assert redrawn == [9, 19, 24]  # and the epoch's last batch
 
 
 class SaveFixedNoise(Callback):
