@@ -12,6 +12,7 @@ What a graph bakes in, and how it stays right:
 * Every other hyperparameter (momentum, betas, weight decay, ...) is a constant of the graph: when one changes (the
   momentum ramp, once per epoch) the update is captured again. So is it for each new batch shape.
 * Random numbers (noise, dropout masks) come from the device generator, which CUDA graphs advance on every replay.
+* Gradients live in the graphs' memory: outside the update, a parameter's ``.grad`` is not the last batch's.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def make_graph_safe(optimizer: Optimizer, device: torch.device) -> list[dict[str
     """Switch ``optimizer`` to device learning rates and its fused step; return each group's own settings."""
     saved = [{key: group.get(key) for key in _FLAGS} for group in optimizer.param_groups]
     for group in optimizer.param_groups:
-        if not isinstance(group["lr"], Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        lr = group["lr"]
+        # fused CUDA steps read a float32 lr on the device (a CPU tensor would be read once, at capture)
+        if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
         group["fused"], group["foreach"] = True, False
         if "capturable" in group:  # Adam(W) refuse capture without it, fused or not
             group["capturable"] = True
@@ -61,13 +64,19 @@ def make_graph_safe(optimizer: Optimizer, device: torch.device) -> list[dict[str
 
 
 def restore_settings(optimizer_state: dict[str, Any], saved: list[dict[str, Any]]) -> None:
-    """Put the user's settings, with float learning rates, back into a state dict of a graph-safe optimizer."""
+    """Put the user's settings back into a state dict of a graph-safe optimizer: float learning rates, their
+    ``fused``/``foreach``/``capturable`` flags, and step counts on the CPU where their step keeps them there."""
     for group, own in zip(optimizer_state["param_groups"], saved, strict=True):
         for key, value in own.items():
             if key == "lr":
                 group["lr"] = float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"]
             elif value is not None or key in group:
                 group[key] = value
+        if not (own.get("fused") or own.get("capturable")):  # else each eager step would read it back (a sync)
+            for index in group["params"]:
+                state = optimizer_state["state"].get(index, {})
+                if isinstance(state.get("step"), Tensor):
+                    state["step"] = state["step"].detach().to("cpu", torch.float32)
 
 
 def graph_constants(optimizers: list[Optimizer]) -> tuple[Any, ...]:
@@ -83,17 +92,18 @@ class GraphedUpdates:
     """Runs ``update(real, variant)``, captured as a CUDA graph per (variant, batch shape, optimizer constants) and
     replayed after that.
 
-    The first ``warmup`` calls of each variant run eagerly on a side stream (as torch's CUDA-graph recipe asks: lazy
-    state such as momentum buffers and library workspaces must exist before capture, or the graph would re-create
-    it on every replay); on a device other than CUDA every call runs eagerly. ``update`` must only launch device
-    work: it may not read values back to the host.
+    The first ``warmup`` calls of each variant and batch shape run eagerly on a side stream (as torch's CUDA-graph
+    recipe asks: lazy state such as momentum buffers and library workspaces must exist before capture, or the graph
+    would re-create it on every replay), and so does the first call after the constants change (a momentum that
+    leaves 0 creates its buffers then); on a device other than CUDA every call runs eagerly. ``update`` must only
+    launch device work: it may not read values back to the host.
     """
 
     def __init__(self, update: Callable[[Tensor, Hashable], Tensor], warmup: int = 3) -> None:
         self.update = update
         self.warmup = warmup
         self.captures = 0
-        self._calls: dict[Hashable, int] = {}
+        self._calls: dict[Hashable, int] = {}  # eager calls so far, per (variant, shape, dtype)
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._constants: tuple[Any, ...] | None = None
 
@@ -105,22 +115,29 @@ class GraphedUpdates:
 
     def __call__(self, real: Tensor, variant: Hashable, constants: tuple[Any, ...]) -> Tensor:
         """This batch's update; returns its statistics tensor (overwritten by the next call: copy to keep it)."""
-        if real.device.type != "cuda":
+        if not self.capturable(real):
             return self.update(real, variant)
         if constants != self._constants:
             self._graphs.clear()
+            if self._constants is not None:  # one eager call first: state a new constant needs must exist at capture
+                self._calls = dict.fromkeys(self._calls, self.warmup - 1)
             self._constants = constants
         key = (variant, tuple(real.shape), real.dtype)
         entry = self._graphs.get(key)
         if entry is None:
-            self._calls[variant] = self._calls.get(variant, 0) + 1
-            if self._calls[variant] <= self.warmup:
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if self._calls[key] <= self.warmup:
                 return self._run_on_side_stream(real, variant)
             entry = self._graphs[key] = self._capture(real, variant)
         graph, static_real, stats = entry
         static_real.copy_(real)
         graph.replay()
         return stats
+
+    @staticmethod
+    def capturable(real: Tensor) -> bool:
+        """Whether updates on ``real``'s device can be captured (CUDA)."""
+        return real.device.type == "cuda"
 
     def _run_on_side_stream(self, real: Tensor, variant: Hashable) -> Tensor:
         stream = torch.cuda.Stream(device=real.device)

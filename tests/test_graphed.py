@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN
-from lightning_gan.graphed import GraphedUpdates
+from lightning_gan.graphed import GraphedUpdates, make_graph_safe, restore_settings
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 
 BATCHES = 6
@@ -116,6 +116,24 @@ def test_fast_path_makes_the_eager_update(tmp_path: Path, schedule: str, k: int,
     )
 
 
+def test_graph_safe_settings_and_their_restoration() -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    sgd = torch.optim.SGD(params, lr=torch.tensor(0.1, dtype=torch.float64), momentum=0.5)
+    saved = make_graph_safe(sgd, torch.device("cpu"))
+    group = sgd.param_groups[0]
+    assert group["lr"].dtype == torch.float32 and group["fused"] and group["foreach"] is False
+    adam = torch.optim.Adam(params, lr=1e-3)
+    params[0].grad = torch.ones(3)
+    adam.step()
+    saved = make_graph_safe(adam, torch.device("cpu"))
+    assert adam.param_groups[0]["capturable"] and adam.param_groups[0]["fused"]
+    state = adam.state_dict()
+    restore_settings(state, saved)
+    group = state["param_groups"][0]
+    assert isinstance(group["lr"], float) and group["fused"] is None and group["capturable"] is False
+    assert state["state"][0]["step"].device.type == "cpu"
+
+
 @pytest.mark.usefixtures("fast_path_on_cpu")
 def test_fast_path_checkpoints_are_eager_checkpoints_and_resume_both_ways(tmp_path: Path) -> None:
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
@@ -175,6 +193,43 @@ def test_graphed_updates_run_eagerly_off_cuda() -> None:
     assert calls == ["dg"] and updates.captures == 0
 
 
+class RecordedUpdates(GraphedUpdates):
+    """GraphedUpdates as on CUDA, with warm-up calls, captures and replays recorded instead of run."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda real, variant: real, warmup=2)
+        self.log: list[str] = []
+
+    capturable = staticmethod(lambda real: True)
+
+    def _run_on_side_stream(self, real: torch.Tensor, variant: Any) -> torch.Tensor:
+        self.log.append(f"eager {variant}")
+        return real
+
+    def _capture(self, real: torch.Tensor, variant: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        self.log.append(f"capture {variant}")
+        self.captures += 1
+        return SimpleNamespace(replay=lambda: self.log.append(f"replay {variant}")), real.clone(), real
+
+
+def test_graphed_updates_warm_up_each_variant_and_shape_and_recapture_when_constants_change() -> None:
+    updates, batch, last = RecordedUpdates(), torch.zeros(4), torch.zeros(2)
+    for variant in ("d", "dg", "d", "dg", "d", "dg"):
+        updates(batch, variant, ("momentum", 0.0))
+    assert updates.log == ["eager d", "eager dg", "eager d", "eager dg", "capture d", "replay d", "capture dg",
+                           "replay dg"]  # fmt: skip
+    updates.log.clear()
+    updates(last, "d", ("momentum", 0.0))  # a new batch shape warms up too
+    updates(batch, "d", ("momentum", 0.0))
+    assert updates.log == ["eager d", "replay d"]
+    updates.log.clear()
+    # a new constant (the momentum ramp leaving 0): one eager call per variant and shape (its buffers appear), then
+    # a new capture
+    for variant in ("d", "dg", "d", "dg"):
+        updates(batch, variant, ("momentum", 0.5))
+    assert updates.log == ["eager d", "eager dg", "capture d", "replay d", "capture dg", "replay dg"]
+
+
 class NeverCaptured(GAN):
     """The fast path's update and bookkeeping, run eagerly: every call is a warm-up call."""
 
@@ -218,5 +273,8 @@ def test_on_a_gpu_the_fast_path_never_waits_for_the_device(tmp_path: Path) -> No
     # no momentum ramp (its per-epoch capture synchronises by design), no logging step in the run
     gan = make_gan(cuda_graph=True, momentum_final=None)
     check = NoHostSync(after=4)  # batches 0-2 warm up, batch 3 is captured
-    fit(gan, tmp_path, device="cuda", epochs=3, log_every_n_steps=1000, callbacks=[check])
+    try:
+        fit(gan, tmp_path, device="cuda", epochs=3, log_every_n_steps=1000, callbacks=[check])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert check.checked == 3 * BATCHES - 4 and gan._graphs.captures == 1
