@@ -4,9 +4,9 @@
 
 Prints steps/s (training batches per second, median of ``--repeats`` interleaved runs) of:
 
-* ``plain (same math)``: a hand-written loop with the same update as ``GAN`` in the config's schedule,
-* ``plain (authors' graph)``: for the simultaneous schedule, one forward of D on the fake batch and two
-  ``autograd.grad`` calls, as the authors' Theano graph (not DDP-compatible; for reference),
+* ``plain (same math)``: a hand-written loop with the same update as ``GAN`` on one device in the config's schedule
+  (for the simultaneous one, the authors' graph: one pass of D on the fake batch, each network's gradient from its
+  own objective),
 * ``lightning-gan``: ``Trainer.fit`` of the config's model and datamodule (metrics logged, no logger attached),
 * ``lightning-gan, device-resident data``: the same with ``data.init_args.device_resident=true`` (batches gathered
   on the training device, no host-to-device copy per step),
@@ -80,7 +80,7 @@ def lightning_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int,
     return timer.steps_per_s
 
 
-def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str, graph: str) -> float:
+def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str) -> float:
     cli = load(config, data_dir)
     gan, dm = cli.model.to(device), cli.datamodule
     g, d = gan.generator, gan.discriminator
@@ -102,7 +102,7 @@ def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, dev
         i = (step * batch) % (len(data) - batch + 1)
         real = data[order[i : i + batch]]
         z = g.sample_noise(batch, device)
-        if simultaneous and graph == "authors":
+        if simultaneous:
             fake = g(z)
             real_logits, fake_logits = d(real), d(fake)
             d_loss = 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
@@ -111,19 +111,6 @@ def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, dev
             g_grads = torch.autograd.grad(g_loss, g_params)
             for p, grad in zip(d_params + g_params, d_grads + g_grads):
                 p.grad = grad
-            d_opt.step()
-            g_opt.step()
-        elif simultaneous:
-            fake = g(z)
-            d_loss = 0.5 * (F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean())
-            for p in d_params:
-                p.requires_grad_(False)
-            g_loss = F.softplus(-d(fake)).mean()
-            for p in d_params:
-                p.requires_grad_(True)
-            d_opt.zero_grad(set_to_none=True)
-            g_opt.zero_grad(set_to_none=True)
-            (d_loss + g_loss).backward()
             d_opt.step()
             g_opt.step()
         else:
@@ -167,17 +154,9 @@ def main() -> None:
         print(f"MNIST not found under {args.data_dir}: using synthetic data in the IDX format ({data_dir})")
     resident, fast = "lightning-gan, device-resident data", "lightning-gan fast path"
     runs: dict[str, list[float]] = {"plain (same math)": [], "lightning-gan": [], resident: [], fast: []}
-    if load(args.config, data_dir).model.schedule == "simultaneous":
-        runs["plain (authors' graph)"] = []
     for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit every variant alike
         torch.manual_seed(0)
-        runs["plain (same math)"].append(
-            plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, "same")
-        )
-        if "plain (authors' graph)" in runs:
-            runs["plain (authors' graph)"].append(
-                plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, "authors")
-            )
+        runs["plain (same math)"].append(plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
         torch.manual_seed(0)
         runs["lightning-gan"].append(lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
         torch.manual_seed(0)

@@ -213,7 +213,7 @@ class CudaGraphTraining:
             d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
-            (d_loss + g_loss).backward()
+            self._simultaneous_backward(d_loss, g_loss, Tensor.backward)
             record(self, self._graph_step, d_loss, g_loss)
             self._raw_step(d_opt, self.discriminator)
             self._raw_step(g_opt, self.generator)

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -231,6 +231,12 @@ class GAN(CudaGraphTraining, LightningModule):
             return
         self.generator.init_output_bias(pixel_mean())
 
+    @property
+    def _one_pass(self) -> bool:
+        """Whether the simultaneous update is the authors' one-pass graph: on a single device (see
+        :meth:`_simultaneous_losses`)."""
+        return self._trainer is None or isinstance(self._trainer.strategy, SingleDeviceStrategy)
+
     def on_train_start(self) -> None:
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
@@ -271,16 +277,32 @@ class GAN(CudaGraphTraining, LightningModule):
             apply_constraints()
 
     def _simultaneous_losses(self, real: Tensor, g_opt: LightningOptimizer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Both objectives from one noise draw and the same discriminator parameters. The generator's pass through D
-        is a second forward with D's parameters frozen (its own dropout mask), so that one backward gives each
-        network exactly its own gradient."""
+        """Both objectives from one noise draw and the same discriminator parameters.
+
+        On one device, the authors' graph exactly: one discriminator pass on the fake batch (one dropout mask) feeds
+        both objectives, and :meth:`_simultaneous_backward` takes each network's gradient from its own objective.
+        Under DDP, which needs one backward pass per step, the generator's pass through D is a second forward with D's
+        parameters frozen (its own dropout mask): the same expected gradient, and one backward gives each network
+        exactly its own."""
         fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
         real_logits = self.discriminator(real)
+        if self._one_pass:
+            fake_logits = self.discriminator(fake)
+            d_loss, g_loss = self.discriminator_loss(real_logits, fake_logits), self.generator_loss_fn(fake_logits)
+            return d_loss, g_loss, real_logits, fake_logits
         fake_logits = self.discriminator(fake.detach())
         d_loss = self.discriminator_loss(real_logits, fake_logits)
         with self.toggled_optimizer(g_opt):
             g_loss = self.generator_loss_fn(self.discriminator(fake))
         return d_loss, g_loss, real_logits, fake_logits
+
+    def _simultaneous_backward(self, d_loss: Tensor, g_loss: Tensor, backward: Any) -> None:
+        """Each network's gradient from its own objective, through ``backward`` (``manual_backward`` or a tensor's)."""
+        if self._one_pass:
+            backward(d_loss, inputs=[p for p in self.discriminator.parameters() if p.requires_grad], retain_graph=True)
+            backward(g_loss, inputs=[p for p in self.generator.parameters() if p.requires_grad])
+        else:
+            backward(d_loss + g_loss)
 
     def _discriminator_objective(self, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Discriminator loss on ``real`` and fresh samples, and the two batches' logits."""
@@ -307,7 +329,7 @@ class GAN(CudaGraphTraining, LightningModule):
             d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss + g_loss)
+            self._simultaneous_backward(d_loss, g_loss, self.manual_backward)
             if self._guard.allows(self, step, d_loss, g_loss):
                 self._update(d_opt, self.discriminator, self._d_decay, counted=True)
                 self._update(g_opt, self.generator, self._g_decay, counted=False)
