@@ -3,8 +3,9 @@
 from lightning_gan.callbacks import ParzenEvaluation
 from lightning_gan.conv_nets import ConvMaxoutDiscriminator, DeconvGenerator, MaxoutConv2d
 from lightning_gan.data import GANDataModule
-from lightning_gan.figures import CollapseMonitor, GANProgressBar, LatentInterpolation, SampleGrid
+from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.module import GAN
+from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.nets import Maxout, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.parzen import ParzenLogLikelihood, parzen_log_likelihood, select_sigma
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp

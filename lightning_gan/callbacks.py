@@ -17,7 +17,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_gan.figures import CollapseMonitor, GANProgressBar, LatentInterpolation, SampleGrid
+from lightning_gan.figures import LatentInterpolation, SampleGrid
+from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
 
 # The figure and monitor callbacks live in figures.py; they are importable from here too.

@@ -21,10 +21,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_gan.checkpointing import with_safe_checkpointing
 from lightning_gan.data import GANDataModule
-from lightning_gan.figures import GANProgressBar, run_dir
+from lightning_gan.figures import run_dir
 from lightning_gan.module import GAN
-from lightning_gan.resume import with_safe_checkpointing
+from lightning_gan.monitor import GANProgressBar
 
 WANDB_PROJECT = "lightning-gan"
 
@@ -106,7 +107,7 @@ def _wandb_offline_fallback(trainer: Trainer) -> None:
 
 class GANCLI(LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
-    ``lightning_logs/``), offline without credentials, and :class:`~lightning_gan.figures.GANProgressBar`."""
+    ``lightning_logs/``), offline without credentials, and :class:`~lightning_gan.monitor.GANProgressBar`."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -119,8 +120,8 @@ class GANCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a :class:`GANProgressBar` unless the config has a progress bar or turns it off, and safe
-        checkpointing (:func:`~lightning_gan.resume.with_safe_checkpointing`: atomic files, a checkpoint on SIGTERM or
-        Ctrl-C)."""
+        checkpointing (:func:`~lightning_gan.checkpointing.with_safe_checkpointing`: atomic files, a checkpoint on
+        SIGTERM or Ctrl-C)."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config.get("trainer") or {}
         callbacks = trainer.get("callbacks") or []

@@ -16,13 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
-from lightning_gan.figures import (
-    CollapseMonitor,
-    GANProgressBar,
-    LatentInterpolation,
-    SampleGrid,
-    nearest_training_images,
-)
+from lightning_gan.figures import LatentInterpolation, SampleGrid, nearest_training_images
+from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 
 PAD = 2  # torchvision.utils.make_grid's default padding
 YELLOW = torch.tensor([1.0, 1.0, 0.0])

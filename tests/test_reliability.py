@@ -21,15 +21,10 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
+from lightning_gan.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, check_writable
 from lightning_gan.cli import build_cli
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
-from lightning_gan.resume import (
-    AtomicCheckpointIO,
-    EpochRandomSampler,
-    InterruptCheckpoint,
-    ResumableDataLoader,
-    check_writable,
-)
+from lightning_gan.resume import EpochRandomSampler, ResumableDataLoader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BATCHES_PER_EPOCH = 5  # odd, so that with k = 2 the generator's phase crosses the epoch boundary
@@ -491,7 +486,7 @@ def test_a_folder_without_write_permission_is_named(tmp_path: Path, monkeypatch:
     def denied(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr("lightning_gan.resume.tempfile.TemporaryFile", denied)
+    monkeypatch.setattr("lightning_gan.checkpointing.tempfile.TemporaryFile", denied)
     with pytest.raises(PermissionError, match=r"Cannot write checkpoints to .*out.*Permission denied"):
         check_writable(tmp_path / "out", "checkpoints")
     assert not (tmp_path / "out").exists()

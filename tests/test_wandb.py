@@ -20,7 +20,7 @@ from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
 from lightning_gan.cli import build_cli, main, use_wandb_offline_without_credentials, wandb_credentials_found
-from lightning_gan.figures import GANProgressBar
+from lightning_gan.monitor import GANProgressBar
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 NOTICE = "W&B: no credentials found"

@@ -1,0 +1,256 @@
+"""Safe checkpoints: atomic files and a checkpoint when a run is stopped.
+
+* Atomic files: Lightning writes through ``fsspec``, whose temporary file lives in the system's temp folder, so on
+  another file system the final "move" is a copy that can be cut half-way. :class:`AtomicCheckpointIO` writes to a
+  temporary file in the checkpoint's own folder, ``fsync`` s it and renames it over the target (``os.replace``).
+* A checkpoint when a run is stopped: :class:`InterruptCheckpoint` saves one on SIGTERM or a first Ctrl-C, at a step
+  boundary, and checks before training that the checkpoint folder can be written.
+
+The ``lightning-gan`` command adds both by default (:func:`with_safe_checkpointing`); with the Python API, pass them
+to the ``Trainer``. Exact resume (random state, position in the epoch) is in :mod:`lightning_gan.resume`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from lightning_gan.figures import run_dir
+
+__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "check_writable", "with_safe_checkpointing"]
+
+
+# ---------------------------------------------------------------------------------------------------- atomic files
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local files appear whole or not at all.
+
+    The checkpoint is written to a hidden temporary file in the target's folder, flushed to disk (``fsync``) and
+    renamed over the target with ``os.replace`` (atomic on POSIX and Windows within one file system); the folder is
+    then synced too. A crash or a kill at any moment leaves either the previous file or the new one, never a
+    truncated one, and no temporary file survives an exception. Remote paths (``s3://`` ...) go through Lightning's
+    own writer.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "xb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder; its rename is durable enough
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------------------------------- interruption
+class InterruptCheckpoint(Callback):
+    """Stop cleanly on SIGTERM or Ctrl-C and save a checkpoint that resumes exactly; check the folder beforehand.
+
+    * Before training (``setup``), the checkpoint folder must be writable: otherwise a clear error, before any step
+      and before anything is written (rather than a crash at the end of the first epoch).
+    * SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current step and stops; this callback then
+      saves ``<dirpath>/<filename>.ckpt``. The same for a first Ctrl-C (SIGINT), which this callback turns into the
+      same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
+      step). Under DDP, a signal on any rank stops every rank at the same step: the ranks agree on it every
+      ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent checkpoint together.
+    * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.module.NonFiniteError`): the checkpoints
+      already written are kept as they are.
+
+    Resume with ``lightning-gan fit ... --ckpt_path <dirpath>/<filename>.ckpt`` or ``trainer.fit(..., ckpt_path=...)``.
+
+    Args:
+        dirpath: folder of the checkpoint; ``None``: the folder of the trainer's ``ModelCheckpoint`` (nothing is
+            saved without one, i.e. with ``enable_checkpointing=False``).
+        filename: file name without the ``.ckpt`` extension.
+        sync_every_n_steps: under DDP, how often the ranks agree on whether to stop (each time a host sync on GPUs).
+    """
+
+    def __init__(
+        self, dirpath: str | Path | None = None, filename: str = "interrupted", sync_every_n_steps: int = 10
+    ) -> None:
+        super().__init__()
+        if not filename:
+            raise ValueError("Expected a non-empty `filename` for the interruption checkpoint.")
+        if sync_every_n_steps < 1:
+            raise ValueError(f"Expected `sync_every_n_steps` >= 1, but got {sync_every_n_steps}.")
+        self.sync_every_n_steps = sync_every_n_steps
+        self._stop_requested = False
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.filename = filename
+        self._trainer: Trainer | None = None
+        self._previous_handler: Any = None
+        self._ctrl_c_seen = False
+
+    def _folder(self, trainer: Trainer) -> Path | None:
+        if self.dirpath is not None:
+            return self.dirpath
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None:
+            return None
+        if checkpoint.dirpath is not None:
+            return Path(checkpoint.dirpath)
+        # ModelCheckpoint resolves its folder in its own `setup`, which runs after this one: the same rule
+        return run_dir(trainer) / "checkpoints"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        folder = self._folder(trainer) or Path(trainer.default_root_dir)
+        if isinstance(get_filesystem(str(folder)), LocalFileSystem):  # remote folders are the storage's business
+            check_writable(folder, "checkpoints")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trainer, self._ctrl_c_seen = trainer, False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
+        if self._ctrl_c_seen or self._trainer is None:
+            raise KeyboardInterrupt
+        self._ctrl_c_seen = True
+        rank_zero_info(
+            "\nCtrl-C: stopping after the current step and saving a checkpoint to resume from. "
+            "Press Ctrl-C again to stop at once, without a checkpoint."
+        )
+        # Lightning's own SIGTERM flag: checked (and, under DDP, broadcast from rank 0) after every step
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "received_sigterm"):
+            connector.received_sigterm = True
+        else:  # a Lightning without that flag: let its SIGTERM handler do the same
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.world_size == 1:
+            return
+        # Lightning stops a rank as soon as *its* flag is set, at the end of this batch: a rank stopping alone would
+        # then wait forever in the checkpoint's collectives. Hold the flag back until all ranks agree.
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            self._stop_requested, connector.received_sigterm = True, False
+        if trainer.global_step % self.sync_every_n_steps == 0:
+            flag = torch.tensor(float(self._stop_requested), device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0:
+                connector.received_sigterm = True
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+        self._previous_handler, self._trainer = None, None
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handler()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+            return
+        folder = self._folder(trainer)
+        if folder is None:
+            rank_zero_warn(
+                "Training was stopped by a signal, but no checkpoint was saved: checkpointing is off "
+                "(enable_checkpointing=False) and InterruptCheckpoint has no `dirpath`."
+            )
+            return
+        path = folder / f"{self.filename}.ckpt"
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"Training stopped at epoch {trainer.current_epoch}, global step {trainer.global_step}; saved {path}. "
+            f"Resume with `--ckpt_path {path}` (lightning-gan fit) or `trainer.fit(..., ckpt_path=...)`."
+        )
+
+
+def check_writable(folder: str | Path, what: str = "files") -> None:
+    """Raise a clear ``OSError`` unless ``folder`` (or, if it does not exist yet, its nearest existing parent) is a
+    folder where files can be created. Creates nothing that stays: a probe file is deleted at once.
+
+    Raises:
+        OSError: (the original subclass, e.g. ``PermissionError``, ``NotADirectoryError``) naming the folder and the
+            fix.
+    """
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise type(error)(
+            f"Cannot write {what} to {folder}: {error}. Choose a writable output folder, e.g. "
+            "--trainer.default_root_dir=DIR (or the logger's save_dir, or ModelCheckpoint's dirpath)."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------- CLI defaults
+def with_safe_checkpointing(trainer_config: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Trainer keyword arguments with :class:`AtomicCheckpointIO` (unless the config has a ``CheckpointIO`` plugin)
+    and :class:`InterruptCheckpoint` (unless it has one, or turns checkpointing off) added; used by the CLI.
+
+    Args:
+        trainer_config: the instantiated ``trainer`` section of the config.
+        kwargs: the extra keyword arguments for the ``Trainer`` so far (``callbacks`` there replace the config's).
+    """
+    kwargs = dict(kwargs)
+    plugins = trainer_config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+    if trainer_config.get("enable_checkpointing") is not False:
+        callbacks = kwargs["callbacks"] if "callbacks" in kwargs else trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if not any(isinstance(callback, InterruptCheckpoint) for callback in callbacks):
+            kwargs["callbacks"] = [*callbacks, InterruptCheckpoint()]
+    return kwargs
