@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks of lightning-gan, sized for a short lease of one GPU (README "Results" holds what they measured).
+# The GPU checks of lightning-gan, sized for a short lease of one GPU (README "Results and speed" holds what they
+# measured).
 #
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
 #   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~3 min)
 #   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
 #
 # `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
-# ../shared/datasets). The GPU machine needs a python3 with torch, lightning, torchvision, torchmetrics, scipy, h5py
-# and pytest; the wheels bring what LightningCLI needs besides (jsonargparse and its signature helpers). Results are
-# written under $OUT (default benchmarks/results).
+# ../shared/datasets). The GPU machine needs a python3 with pip, torch, lightning, torchvision, torchmetrics, scipy,
+# h5py, rich and pytest; the wheels bring what LightningCLI needs besides (jsonargparse and its signature helpers).
+# Results are written under $OUT (default benchmarks/results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -38,21 +39,23 @@ check)
     python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" \
         | tee -a "$OUT/gpu_check.txt"
     # a failing test is reported, and the throughput is measured all the same
-    (python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py tests/test_parzen.py 2>&1 || true) | tail -15 \
+    (LIGHTNING_GAN_DATA_ROOT=.device-data python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py \
+        tests/test_parzen.py 2>&1 || true) | tail -15 \
         | tee -a "$OUT/gpu_check.txt"
     python3 benchmarks/throughput.py --device cuda --steps 2000 --warmup 50 --repeats 3 --data-dir .device-data \
-        2>&1 | grep -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
+        2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
     ;;
 reproduce)
+    [[ $# -ge 3 ]] || { sed -n '2,12p' "$0"; exit 2; }
     use_wheels
     config="$2" minutes="$3"
     shift 3
     name="$(basename "$config" .yaml)_$(date +%H%M%S)"
     python3 benchmarks/reproduce_mnist.py --config "$config" --data-dir .device-data --minutes "$minutes" \
-        --eval-every 20 --out "$OUT" --name "$name" -- "$@" 2>&1 | grep -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
+        --eval-every 20 --out "$OUT" --name "$name" -- "$@" 2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
     ;;
 *)
-    sed -n '2,10p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac

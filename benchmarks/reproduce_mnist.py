@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     if args.minutes is None and args.max_epochs is None:
         raise SystemExit("Give a budget: --minutes and/or --max-epochs.")
     flags = ["--config", str(args.config), f"--data.init_args.data_dir={args.data_dir}", "--trainer.logger=false"]
-    cli = build_cli([*flags, *args.cli_overrides], run=False)
+    cli = build_cli([*flags, "--trainer.enable_progress_bar=false", *args.cli_overrides], run=False)
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"

@@ -6,12 +6,16 @@ Prints steps/s (training batches per second, median of ``--repeats`` interleaved
 
 * ``plain (same math)``: a hand-written loop with the same update as ``GAN`` on one device in the config's schedule
   (for the simultaneous one, the authors' graph: one pass of D on the fake batch, each network's gradient from its
-  own objective),
+  own objective), with the paper's optimizer (SGD, lr .1, momentum .5, the lr decay; no momentum ramp): the same
+  math for ``configs/mnist.yaml``, not for configs with other optimizers,
 * ``lightning-gan``: ``Trainer.fit`` of the config's model and datamodule (metrics logged, no logger attached),
 * ``lightning-gan, device-resident data``: the same with ``data.init_args.device_resident=true`` (batches gathered
   on the training device, no host-to-device copy per step),
 * ``lightning-gan fast path``: device-resident data and ``model.init_args.cuda_graph=true`` (each batch's update
   replayed as one CUDA graph; on a CPU this is the eager update),
+* ``lightning-gan loop only``: the fast path with the update itself left out (a no-op returning fixed statistics):
+  what Lightning's loop, the data loader and the package's bookkeeping cost the host per step, the ceiling of the
+  fast path on this machine,
 
 and the ratios of lightning-gan and of its fast path to the same-math loop. Data sits in memory for every variant;
 batch size comes from the config. Without MNIST files a synthetic dataset in the real format is used (said in the
@@ -21,10 +25,12 @@ output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +40,9 @@ from lightning.pytorch import Callback, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from lightning_gan import GAN  # noqa: E402
 from lightning_gan.cli import build_cli  # noqa: E402
+from lightning_gan.graphed import GraphedUpdates  # noqa: E402
 
 
 class StepTimer(Callback):
@@ -45,23 +53,46 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
+            _sync(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
         self.steps_per_s = (trainer.global_step - self.warmup) / (time.perf_counter() - self.start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def update_left_out(gan: GAN) -> Iterator[None]:
+    """The fast path's loop and bookkeeping with a no-op update, run eagerly on any device."""
+    stats = torch.zeros(4, device=gan.device if gan.device.type != "cpu" else None)
+    gan._graphs_need_cuda = False
+    gan._graph_update = lambda real, generator_step: stats.to(real.device)
+    capturable = GraphedUpdates.capturable
+    GraphedUpdates.capturable = staticmethod(lambda real: False)
+    try:
+        yield
+    finally:
+        GraphedUpdates.capturable = capturable
 
 
 FAST_PATH = ("--data.init_args.device_resident=true", "--model.init_args.cuda_graph=true")
 
 
 def load(config: Path, data_dir: Path, *overrides: str):
-    flags = ["--config", str(config), f"--data.init_args.data_dir={data_dir}", "--trainer.logger=false", *overrides]
-    cli = build_cli(flags, run=False)
+    flags = [f"--config={config}", f"--data.init_args.data_dir={data_dir}", "--trainer.logger=false"]
+    cli = build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
     cli.datamodule.setup("fit")
     return cli
 
 
-def lightning_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str, *overrides: str) -> float:
+def lightning_steps_per_s(
+    config: Path, data_dir: Path, steps: int, warmup: int, device: str, *overrides: str, loop_only: bool = False
+) -> float:
     cli = load(config, data_dir, *overrides)
     timer = StepTimer(warmup)
     trainer = Trainer(
@@ -76,7 +107,8 @@ def lightning_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int,
         callbacks=[timer],
         default_root_dir=tempfile.mkdtemp(),
     )
-    trainer.fit(cli.model, datamodule=cli.datamodule)
+    with update_left_out(cli.model) if loop_only else contextlib.nullcontext():
+        trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps_per_s
 
 
@@ -152,8 +184,8 @@ def main() -> None:
 
         data_dir = write_fake_mnist(Path(tempfile.mkdtemp()))
         print(f"MNIST not found under {args.data_dir}: using synthetic data in the IDX format ({data_dir})")
-    resident, fast = "lightning-gan, device-resident data", "lightning-gan fast path"
-    runs: dict[str, list[float]] = {"plain (same math)": [], "lightning-gan": [], resident: [], fast: []}
+    resident, fast, loop = "lightning-gan, device-resident data", "lightning-gan fast path", "lightning-gan loop only"
+    runs: dict[str, list[float]] = {"plain (same math)": [], "lightning-gan": [], resident: [], fast: [], loop: []}
     for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit every variant alike
         torch.manual_seed(0)
         runs["plain (same math)"].append(plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
@@ -167,6 +199,8 @@ def main() -> None:
         runs[fast].append(
             lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
         )
+        measure = (args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
+        runs[loop].append(lightning_steps_per_s(*measure, loop_only=True))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.config.name} on {device_name}: {args.steps} timed steps after {args.warmup}, {args.repeats} runs")

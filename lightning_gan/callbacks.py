@@ -21,7 +21,7 @@ from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
 
-# The figure and monitor callbacks live in figures.py; they are importable from here too.
+# The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
 __all__ = ["CollapseMonitor", "GANProgressBar", "LatentInterpolation", "ParzenEvaluation", "SampleGrid"]
 
 _DATASET_NAMES = {"mnist": "MNIST", "tfd": "TFD", "cifar10": "CIFAR-10"}

@@ -76,7 +76,9 @@ def restore_settings(optimizer_state: dict[str, Any], saved: list[dict[str, Any]
             for index in group["params"]:
                 state = optimizer_state["state"].get(index, {})
                 if isinstance(state.get("step"), Tensor):
-                    state["step"] = state["step"].detach().to("cpu", torch.float32)
+                    # a new dict: ``Optimizer.state_dict()`` hands out the live per-parameter state, which the
+                    # graphs keep updating on the device
+                    optimizer_state["state"][index] = {**state, "step": state["step"].detach().to("cpu", torch.float32)}
 
 
 def graph_constants(optimizers: list[Optimizer]) -> tuple[Any, ...]:

@@ -71,9 +71,10 @@ class GAN(CudaGraphTraining, LightningModule):
             the same when the network's parameters are non-finite.
         cuda_graph: on a CUDA device, capture each batch's whole update as a CUDA graph and replay it (see
             :mod:`lightning_gan.graphed`): the same update, without the host launching hundreds of kernels per batch.
-            Needs ``torch.optim.SGD``, ``Adam`` or ``AdamW``, one device, non-mixed precision and ``nonfinite="stop"``;
-            callbacks' ``on_before_backward``, ``on_after_backward`` and ``on_before_optimizer_step`` are not
-            called. Elsewhere (CPU) training runs the usual eager update, unchanged.
+            Needs ``torch.optim.SGD``, ``Adam`` or ``AdamW``, one device, non-mixed precision and ``nonfinite="stop"``
+            (checked on every device, a ``ValueError`` when fitting starts); callbacks' ``on_before_backward``,
+            ``on_after_backward`` and ``on_before_optimizer_step`` are not called. Elsewhere (CPU) training runs the
+            usual eager update, unchanged.
 
     Raises:
         ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,

@@ -196,6 +196,8 @@ class GANProgressBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.is_disabled:
+            return
         if (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 == self.total_train_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

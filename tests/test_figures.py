@@ -249,6 +249,8 @@ def test_progress_bar_redraws_every_refresh_rate_batches(monkeypatch: pytest.Mon
     for batch_idx in range(25):
         bar.on_train_batch_end(None, None, None, None, batch_idx)  # type: ignore[arg-type]
     assert redrawn == [9, 19, 24]  # and the epoch's last batch
+    GANProgressBar(refresh_rate=0).on_train_batch_end(None, None, None, None, 0)  # type: ignore[arg-type]  # off
+    assert redrawn == [9, 19, 24]
 
 
 class SaveFixedNoise(Callback):

@@ -127,11 +127,14 @@ def test_graph_safe_settings_and_their_restoration() -> None:
     adam.step()
     saved = make_graph_safe(adam, torch.device("cpu"))
     assert adam.param_groups[0]["capturable"] and adam.param_groups[0]["fused"]
+    live_step = adam.state[params[0]]["step"]
     state = adam.state_dict()
     restore_settings(state, saved)
     group = state["param_groups"][0]
     assert isinstance(group["lr"], float) and group["fused"] is None and group["capturable"] is False
-    assert state["state"][0]["step"].device.type == "cpu"
+    assert state["state"][0]["step"].device.type == "cpu" and state["state"][0]["step"] is not live_step
+    # the running optimizer is untouched: still on the fast path's settings and its own step tensor
+    assert adam.state[params[0]]["step"] is live_step and adam.param_groups[0]["fused"]
 
 
 @pytest.mark.usefixtures("fast_path_on_cpu")
