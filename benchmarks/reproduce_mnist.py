@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torchvision.utils import save_image
 
-from lightning_gan.cli import build_cli
 from lightning_gan.parzen import parzen_log_likelihood, select_sigma
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import bench_trainer, load_cli, sync  # noqa: E402
+
 COLUMNS = ["epoch", "train_seconds", "steps_per_s", "sigma", "val_ll", "test_ll", "test_se"]
 
 
@@ -41,11 +43,11 @@ class ParzenTable(Callback):
         self.evaluated_at_step = -1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
+        sync(pl_module.device)
         self.epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
+        sync(pl_module.device)
         self.train_seconds += time.perf_counter() - self.epoch_start
         epoch = trainer.current_epoch + 1
         if epoch % self.args.eval_every == 0 or epoch == trainer.max_epochs:
@@ -56,11 +58,6 @@ class ParzenTable(Callback):
         if trainer.global_step != self.evaluated_at_step:
             # a part epoch: counted in epochs of training batches
             self.evaluate(trainer, pl_module, round(trainer.global_step / trainer.num_training_batches, 2))
-
-    @staticmethod
-    def _sync(pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, epoch: float) -> None:
@@ -146,28 +143,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = parse_args(argv)
     if args.minutes is None and args.max_epochs is None:
         raise SystemExit("Give a budget: --minutes and/or --max-epochs.")
-    flags = ["--config", str(args.config), f"--data.init_args.data_dir={args.data_dir}", "--trainer.logger=false"]
-    cli = build_cli([*flags, "--trainer.enable_progress_bar=false", *args.cli_overrides], run=False)
+    cli = load_cli(args.config, args.data_dir, *args.cli_overrides)
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
     hardware = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     table = ParzenTable(args, args.out / f"reproduce_{args.name or args.config.stem}", hardware)
-    trainer = Trainer(
-        accelerator=accelerator,
-        devices=1,
+    trainer = bench_trainer(
+        accelerator,
+        [table],
         max_epochs=args.max_epochs if args.max_epochs is not None else -1,
         max_time={"minutes": args.minutes} if args.minutes is not None else None,
         limit_train_batches=args.limit_train_batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[table],
-        default_root_dir=tempfile.mkdtemp(),
     )
     trainer.fit(cli.model, datamodule=cli.datamodule)
     print(table.out_stem.with_suffix(".md").read_text())

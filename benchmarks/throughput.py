@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from bench_common import bench_trainer, load_cli, sync  # noqa: E402
 
 from lightning_gan import GAN  # noqa: E402
-from lightning_gan.cli import build_cli  # noqa: E402
 from lightning_gan.graphed import GraphedUpdates  # noqa: E402
 
 
@@ -53,17 +54,12 @@ class StepTimer(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            _sync(pl_module.device)
+            sync(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self.steps_per_s = (trainer.global_step - self.warmup) / (time.perf_counter() - self.start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -84,8 +80,7 @@ FAST_PATH = ("--data.init_args.device_resident=true", "--model.init_args.cuda_gr
 
 
 def load(config: Path, data_dir: Path, *overrides: str):
-    flags = [f"--config={config}", f"--data.init_args.data_dir={data_dir}", "--trainer.logger=false"]
-    cli = build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
+    cli = load_cli(config, data_dir, *overrides)
     cli.datamodule.setup("fit")
     return cli
 
@@ -95,18 +90,7 @@ def lightning_steps_per_s(
 ) -> float:
     cli = load(config, data_dir, *overrides)
     timer = StepTimer(warmup)
-    trainer = Trainer(
-        accelerator=device,
-        devices=1,
-        max_steps=steps + warmup,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        default_root_dir=tempfile.mkdtemp(),
-    )
+    trainer = bench_trainer(device, [timer], max_steps=steps + warmup)
     with update_left_out(cli.model) if loop_only else contextlib.nullcontext():
         trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps_per_s

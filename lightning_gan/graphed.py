@@ -233,7 +233,7 @@ class CudaGraphTraining:
                 record(self, self._graph_step, None, g_loss)
                 self._raw_step(g_opt, self.generator)
         self._graph_step.add_(1)
-        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+        d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
 
     def _graphed_training_step(self: GAN, real: Tensor) -> None:

@@ -357,7 +357,7 @@ class GAN(CudaGraphTraining, LightningModule):
         if g_loss is not None:
             self._last_g_loss = g_loss.detach()
         if self.trainer._logger_connector.should_update_logs:
-            d_real, d_fake = torch.sigmoid(real_logits.detach()).mean(), torch.sigmoid(fake_logits.detach()).mean()
+            d_real, d_fake = self._mean_outputs(real_logits.detach(), fake_logits.detach())
             self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
     def on_train_epoch_start(self) -> None:
@@ -391,6 +391,11 @@ class GAN(CudaGraphTraining, LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._guard.deferred(self) and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             self._guard.check_deferred(self)
+
+    @staticmethod
+    def _mean_outputs(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean D(x) and D(G(z)) from the logits."""
+        return torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
 
     def _log_step(self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, d_real: Tensor, d_fake: Tensor) -> None:
         """Log the losses and the discriminator's mean outputs (in training, ``g_loss`` is the latest generator
@@ -462,7 +467,7 @@ class GAN(CudaGraphTraining, LightningModule):
         fake = self.generator(z)
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         d_loss = self.discriminator_loss(real_logits, fake_logits)
-        d_real, d_fake = torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+        d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), d_real, d_fake)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from lightning.pytorch import Trainer
 
 from lightning_gan import MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
@@ -31,6 +33,12 @@ def tiny_nets(keep_prob: float | None = None) -> tuple[MLPGenerator, MaxoutDiscr
     keep = {} if keep_prob is None else {"input_keep_prob": keep_prob, "hidden_keep_prob": keep_prob}
     discriminator = MaxoutDiscriminator(in_shape=(1, 2, 2), units=(6,), pieces=2, **keep)
     return generator, discriminator
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A CPU ``Trainer`` without logger, progress bar or model summary; ``kwargs`` add to or override these."""
+    defaults = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return Trainer(**{**defaults, **kwargs})
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:

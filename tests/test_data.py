@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from conftest import quiet_trainer
+from lightning.pytorch import seed_everything
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
@@ -97,15 +98,7 @@ def test_device_resident_data_trains_identically(mnist_root: Path) -> None:
         seed_everything(0, verbose=False)
         gan = GAN(MLPGenerator(hidden_sizes=(16,), hidden_activations=("relu",)), MaxoutDiscriminator(units=(8,)))
         dm = GANDataModule(data_dir=mnist_root, download=False, device_resident=device_resident)
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=5,
-            limit_val_batches=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-        )
+        trainer = quiet_trainer(max_steps=5, limit_val_batches=1, enable_checkpointing=False)
         trainer.fit(gan, datamodule=dm)
         assert dm.splits.train.images.device == trainer.strategy.root_device
         return gan.state_dict()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_nets
-from lightning.pytorch import Callback, Trainer
+from conftest import quiet_trainer, tiny_nets
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN
@@ -39,16 +39,8 @@ def tiny_gan(schedule: str, k: int) -> GAN:
 @pytest.mark.parametrize(("schedule", "k"), [("alternating", 2), ("simultaneous", 1)])
 def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int) -> None:
     data = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveRankState(tmp_path)],
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp_spawn", max_epochs=1, enable_checkpointing=False, callbacks=[SaveRankState(tmp_path)]
     )
     trainer.fit(tiny_gan(schedule, k), DataLoader(TensorDataset(data), batch_size=4))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -201,13 +202,7 @@ def test_collapse_monitor(tmp_path, collapsed: bool) -> None:
     generator = ConstantGenerator(train[0]) if collapsed else DataGenerator(pool)
     gan = GAN(generator, MaxoutDiscriminator(in_shape=(1, 10, 10), units=[4, 4], pieces=2))
     monitor = CollapseMonitor(num_samples=200, num_reference=1000)
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        logger=CSVLogger(tmp_path),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[monitor])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):  # patience 2: the warning comes at the second check, and only once
@@ -276,15 +271,12 @@ def test_figures_and_monitor_under_ddp(tmp_path: Path) -> None:
     ]
     trainer = Trainer(
         default_root_dir=tmp_path,
-        accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
         max_epochs=2,
         limit_train_batches=2,
         logger=CSVLogger(tmp_path),
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
     )
     trainer.fit(tiny_gan((1, 10, 10)), datamodule=data)
@@ -313,15 +305,13 @@ def tensorboard_images(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_grids_go_to_tensorboard_and_to_png_files(tmp_path: Path) -> None:
-    trainer = Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         max_epochs=1,
         limit_train_batches=2,
         logger=TensorBoardLogger(tmp_path),
         callbacks=[SampleGrid(num_samples=4, nrow=2), LatentInterpolation(num_rows=2, num_steps=3)],
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(tiny_gan((1, 6, 6)), datamodule=TinyData(torch.rand(40, 1, 6, 6), torch.rand(10, 1, 6, 6)))
     run = tmp_path / "lightning_logs" / "version_0"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_nets
+from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,14 +45,11 @@ def fit(
     gan: GAN, root: Path, device: str = "cpu", epochs: int = 2, ckpt_path: Path | None = None, **kwargs: Any
 ) -> Trainer:
     seed_everything(0, verbose=False)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         accelerator=device,
         devices=1,
         max_epochs=epochs,
-        logger=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", [])),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         **{"log_every_n_steps": 2, **kwargs},
     )

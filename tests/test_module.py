@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_nets
+from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,15 +24,7 @@ def loader(n_batches: int = 12, batch_size: int = 5) -> DataLoader:
 
 
 def trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-    )
-    return Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{"enable_checkpointing": False, "max_epochs": 1, **kwargs})
 
 
 class CountParameterChanges(Callback):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch import Trainer
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, ParzenEvaluation
@@ -27,13 +28,9 @@ def evaluation() -> ParzenEvaluation:
 
 
 def run_test(mnist_root: Path, devices: int) -> tuple[dict[str, float], dict[str, float]]:
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[evaluation()],
         limit_val_batches=1,
         limit_test_batches=1,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import TINY_NETS, tiny_nets
+from conftest import TINY_NETS, quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
@@ -88,12 +88,8 @@ def fit(
     gan = gan if gan is not None else tiny_gan()
     record = RecordBatches()
     checkpoint = checkpoint or ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         limit_val_batches=2,
         num_sanity_val_steps=0,
@@ -352,14 +348,10 @@ def ddp_fit(root: Path, ckpt_path: Path | None = None) -> list[dict[str, Any]]:
     fork, which spares the children re-importing everything (about 1 s a run instead of 25 s here)."""
     root.mkdir(parents=True, exist_ok=True)
     seed_everything(0, verbose=False)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp_fork",
         max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         plugins=[AtomicCheckpointIO()],
         callbacks=[SaveFinalState(root), ModelCheckpoint(root / "checkpoints", every_n_train_steps=3, save_top_k=-1)],
@@ -385,10 +377,9 @@ def test_ddp_resume_mid_epoch_is_exact_and_ranks_stay_identical(tmp_path: Path) 
 def sample_after_training(seed: int, root: Path) -> Tensor:
     seed_everything(seed, verbose=False)
     gan = tiny_gan()
-    Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
-    ).fit(gan, datamodule=TinyData())  # fmt: skip
+    quiet_trainer(max_epochs=1, enable_checkpointing=False, default_root_dir=root, limit_val_batches=0).fit(
+        gan, datamodule=TinyData()
+    )
     return gan.sample(6)
 
 
@@ -516,9 +507,9 @@ class RecordStop(Callback):
 
 def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     seed_everything(0, verbose=False)
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=3, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False,
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp_fork", max_epochs=3, limit_val_batches=0, default_root_dir=tmp_path,
+        enable_checkpointing=False,
         callbacks=[SignalOnRankZero(), InterruptCheckpoint(sync_every_n_steps=3), RecordStop(tmp_path)],
     )  # fmt: skip
     with time_limit(120):

@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: the config loaded without logger or progress bar, a bare trainer, a sync."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_gan.cli import build_cli
+
+
+def load_cli(config: Path, data_dir: Path, *overrides: str) -> LightningCLI:
+    """The config's model and datamodule (``run=False``), with no logger and no progress bar."""
+    flags = [f"--config={config}", f"--data.init_args.data_dir={data_dir}", "--trainer.logger=false"]
+    return build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
+
+
+def bench_trainer(accelerator: str, callbacks: list[Callback], **limits: Any) -> Trainer:
+    """One device, no validation, logger, checkpoints, progress bar or summary; ``limits`` as for ``Trainer``."""
+    return Trainer(
+        accelerator=accelerator,
+        devices=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tempfile.mkdtemp(),
+        **limits,
+    )
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings of asynchronous CUDA work need it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
