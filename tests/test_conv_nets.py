@@ -252,3 +252,13 @@ def test_configs_hold_the_authors_numbers(name: str, expected: dict[str, Any]) -
     assert setting(config, "model.init_args.schedule") == "simultaneous"
     assert setting(config, "model.init_args.lr_decay") == 1.000004
     assert math.isclose(setting(config, "model.init_args.momentum_final"), 0.7)
+
+
+def test_conv_pair_is_reachable_where_the_design_places_it() -> None:
+    from lightning_gan import nets
+
+    assert nets.ConvMaxoutDiscriminator is ConvMaxoutDiscriminator
+    assert nets.DeconvGenerator is DeconvGenerator
+    assert nets.MaxoutConv2d is MaxoutConv2d
+    with pytest.raises(AttributeError, match="no attribute 'ConvGenerator'"):
+        nets.ConvGenerator  # noqa: B018
