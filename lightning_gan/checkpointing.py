@@ -92,7 +92,7 @@ class InterruptCheckpoint(Callback):
       same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
       step). Under DDP, a signal on any rank stops every rank at the same step: the ranks agree on it every
       ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent checkpoint together.
-    * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.module.NonFiniteError`): the checkpoints
+    * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.guards.NonFiniteError`): the checkpoints
       already written are kept as they are.
 
     Resume with ``lightning-gan fit ... --ckpt_path <dirpath>/<filename>.ckpt`` or ``trainer.fit(..., ckpt_path=...)``.

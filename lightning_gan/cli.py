@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,6 +110,13 @@ class GANCLI(LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
     ``lightning_logs/``), offline without credentials, and :class:`~lightning_gan.monitor.GANProgressBar`."""
 
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``: a GAN has nothing to ``predict`` from data (sample with
+        :meth:`GAN.sample`)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         from jsonargparse import lazy_instance
@@ -134,8 +142,17 @@ class GANCLI(LightningCLI):
         return built
 
 
+def _importable_from_working_directory() -> None:
+    """Let a config's ``class_path`` name a module in the working directory (``my_gan.MyGAN``), as it can under
+    ``python -m lightning_gan``: the console script puts only its own folder on ``sys.path``. Appended, so the
+    working directory never shadows an installed package."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
     """Parse ``args`` (default: ``sys.argv``) and, unless ``run=False`` is passed, run the subcommand."""
+    _importable_from_working_directory()
     kwargs.setdefault("save_config_callback", SaveRunConfig)
     kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
     return GANCLI(
@@ -150,7 +167,7 @@ def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-gan fit|validate|test|predict --config configs/<name>.yaml [--key value ...]``."""
+    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]``."""
     build_cli(args)
     import wandb
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,12 @@ def test_bad_input_fails_before_training(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_predict_is_not_offered(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_cli(["predict", "--help"])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
 def test_console_entry_point_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lightning_gan", "--help"], capture_output=True, text=True, timeout=120, check=False
@@ -133,10 +140,17 @@ def test_readme_subclassing_example_runs_through_the_cli(
     user_yaml = re.search(r"```yaml\n# my.yaml[^\n]*\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "my_gan.py").write_text(module_code)
     (tmp_path / "my.yaml").write_text(user_yaml)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # As the console script runs: my_gan.py sits in the working directory, which is not on sys.path.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_gan", raising=False)
     args = fit_args(mnist_root, tmp_path, "--config", str(tmp_path / "my.yaml"))
     args = [a for a in args if not a.startswith("--model.init_args.generator.init_args")]
-    cli = build_cli(args)
+    try:
+        cli = build_cli(args)
+    finally:
+        sys.modules.pop("my_gan", None)
+    assert sys.path[-1] == str(tmp_path)  # appended: it never shadows an installed package
     assert type(cli.model).__name__ == "LeastSquaresGAN"
     assert type(cli.model.generator).__name__ == "ConvGenerator"
     assert cli.trainer.global_step == 4
