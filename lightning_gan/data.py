@@ -129,6 +129,7 @@ class GANDataModule(LightningDataModule):
         if tfd_image_size not in (48, 96):
             raise ValueError(f"Expected `tfd_image_size` to be 48 or 96, but got {tfd_image_size!r}.")
         self.save_hyperparameters()
+        self.hparams["data_dir"] = str(data_dir)  # a Path would stop `torch.load(weights_only=True)` of checkpoints
         self.dataset = dataset
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

@@ -126,10 +126,12 @@ class GAN(CudaGraphTraining, LightningModule):
                 "`nonfinite: stop` with `cuda_graph: true`, or `cuda_graph: false`."
             )
         # From LightningCLI the hyperparameters are the parsed config, networks included, so that `lightning-gan test
-        # --ckpt_path` (which re-reads them) and `GAN.load_from_checkpoint(path)` rebuild the networks. Networks passed
-        # as modules from plain Python are in the checkpoint as weights only, and are left out.
+        # --ckpt_path` (which re-reads them) and `GAN.load_from_checkpoint(path)` rebuild the networks. From plain
+        # Python, the networks (in the checkpoint as weights) and the optimizer factories (code, e.g. a partial, which
+        # `torch.load(weights_only=True)` refuses to unpickle) are left out: pass them again when loading.
         from_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=[] if from_cli else ["generator", "discriminator"])
+        code = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]
+        self.save_hyperparameters(ignore=[] if from_cli else code)
         self.automatic_optimization = False
         self.generator = generator
         self.discriminator = discriminator

@@ -46,9 +46,15 @@ def test_numbers_match_a_direct_computation(mnist_root: Path, capsys: pytest.Cap
     gan, dm = seeded_gan(), GANDataModule(data_dir=mnist_root, download=False)
     dm.setup()
     callback = evaluation()
+    # The documented rule, by hand: chunk c of 100 samples from noise seeded seed + c.
+    chunks = []
+    for c in range(7):
+        torch.manual_seed(callback.seed + c)
+        chunks.append(gan.sample(100).flatten(1))
+    centres = torch.cat(chunks)
+    assert torch.unique(centres, dim=0).shape[0] == 700  # no chunk repeats another
     trainer = Trainer(accelerator="cpu", devices=1, logger=False)
-    centres = callback.centres(trainer, gan)
-    assert centres.shape == (700, 784)
+    torch.testing.assert_close(callback.centres(trainer, gan), centres, rtol=0, atol=0)
     grid = torch.logspace(-1, 0, 10)
     val_lls = parzen_log_likelihood(dm.splits.val.images[:60].flatten(1), centres, grid).double().mean(dim=1)
     sigma = grid[val_lls.argmax()].item()
@@ -75,18 +81,33 @@ def test_two_ddp_ranks_give_the_numbers_of_one_process(mnist_root: Path) -> None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    for single, ddp in zip(one, two):
-        for key in ("parzen/sigma", "parzen/val_ll", "parzen/test_ll", "parzen/test_se"):
-            if key in single:
-                assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
+    expected = (("parzen/sigma", "parzen/val_ll"), ("parzen/sigma", "parzen/test_ll", "parzen/test_se"))
+    for single, ddp, keys in zip(one, two, expected):
+        for key in keys:
+            assert key in single and key in ddp, key
+            assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
 
 
-def test_sigma_is_checkpointed() -> None:
+def test_a_test_run_uses_the_checkpointed_sigma_or_else_selects_one_on_validation(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    dm = GANDataModule(data_dir=mnist_root, download=False)
+    validated, _ = run_test(mnist_root, devices=1)
+
+    def test_alone(**kwargs: object) -> dict[str, float]:
+        trainer = quiet_trainer(callbacks=[evaluation()], limit_test_batches=1)  # a fresh callback: no sigma yet
+        return trainer.test(seeded_gan(), datamodule=dm, verbose=False, **kwargs)[0]
+
+    assert test_alone()["parzen/sigma"] == pytest.approx(validated["parzen/sigma"])
+
     callback = evaluation()
-    callback.sigma = 0.2154
-    restored = evaluation()
-    restored.load_state_dict(callback.state_dict())
-    assert restored.sigma == 0.2154
+    callback.sigma = 0.25  # off the grid: only the checkpoint can bring it back
+    trainer = quiet_trainer(
+        callbacks=[callback], max_steps=1, limit_train_batches=1, limit_val_batches=0, default_root_dir=tmp_path
+    )
+    trainer.fit(seeded_gan(), datamodule=dm)
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    assert test_alone(ckpt_path=checkpoint)["parzen/sigma"] == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(

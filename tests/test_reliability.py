@@ -5,6 +5,7 @@ test_datasets.py."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -187,6 +188,27 @@ def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
     resumed.load_state_dict(partial.state_dict())
     assert [b[0].tolist() for b in resumed] == epochs[0][4:]
     assert isinstance(resumed.sampler, EpochRandomSampler) and len(resumed) == 6
+
+
+def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -> None:
+    # A partial optimizer factory and a Path data folder are natural from Python; neither may reach the checkpoint's
+    # pickle, which Lightning (like torch.load by default) reads with weights_only=True.
+    def partial_sgd() -> GAN:
+        return tiny_gan(generator_optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.5))
+
+    fit(tmp_path, epochs=1, gan=partial_sgd())
+    path = tmp_path / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["k"] == 2
+    loaded = GAN.load_from_checkpoint(path, generator=tiny_nets()[0], discriminator=tiny_nets()[1])
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert loaded.k == 2 and all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    trainer, gan, _ = fit(tmp_path / "resumed", epochs=2, ckpt_path=path, gan=partial_sgd())
+    assert trainer.global_step == 2 * BATCHES_PER_EPOCH
+    assert gan._optimizer(1).param_groups[0]["lr"] < 0.05  # the user's generator optimizer, decayed
+
+    hparams = GANDataModule(data_dir=tmp_path, download=False).hparams
+    torch.save(dict(hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["data_dir"] == str(tmp_path)
 
 
 def test_gan_datamodule_trains_from_a_resumable_loader(mnist_root: Path) -> None:
