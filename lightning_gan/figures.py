@@ -110,6 +110,7 @@ class _GridCallback(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.noise: Tensor | None = None  # fixed noise, saved in and restored from checkpoints
         self._last_step: int | None = None
+        self._epoch_ended_at: tuple[int, int] | None = None  # (global_step, epoch) of the latest finished epoch
 
     @property
     @override
@@ -142,21 +143,25 @@ class _GridCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_ended_at = (trainer.global_step, trainer.current_epoch)
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._emit(trainer, pl_module)
+            self._emit(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step != trainer.global_step:  # training stopped mid-epoch or between two grids
-            self._emit(trainer, pl_module)
+            # After a finished epoch Lightning has already moved `current_epoch` on: name the epoch that trained.
+            ended = self._epoch_ended_at
+            epoch = ended[1] if ended is not None and ended[0] == trainer.global_step else trainer.current_epoch
+            self._emit(trainer, pl_module, epoch)
 
-    def _emit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _emit(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
         """Send the grid to the loggers that take images and write it as PNG; rank zero only (no collectives)."""
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
         grid = self.make_grid(pl_module, trainer.datamodule)
-        epoch, step = trainer.current_epoch, trainer.global_step
+        step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=self.key, images=[to_pil_image(grid)], step=step, caption=[f"epoch {epoch}"])

@@ -53,7 +53,7 @@ def test_fit_from_the_fast_mnist_config(mnist_root: Path, tmp_path: Path) -> Non
     assert cli.datamodule.device_resident
 
 
-def test_test_subcommand_restores_a_checkpoint_and_prints_the_parzen_result(
+def test_a_checkpoint_is_tested_validated_and_resumed_through_the_cli(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # as a user: a config file, then `test` with the same config and the checkpoint (which the CLI also re-reads)
@@ -84,6 +84,12 @@ def test_test_subcommand_restores_a_checkpoint_and_prints_the_parzen_result(
     gan = GAN.load_from_checkpoint(ckpt)
     assert gan.generator.net[0].out_features == 16
     assert gan.sample(3).shape == (3, 1, 28, 28)
+    validated = build_cli(["validate", *common, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=2"])
+    assert "val/d_loss" in validated.trainer.callback_metrics
+    resume = ["fit", *common, f"--ckpt_path={ckpt}", "--trainer.max_steps=6", "--trainer.limit_val_batches=0"]
+    resumed = build_cli(resume)
+    assert resumed.trainer.global_step == 6  # continued from step 4
+    assert not torch.equal(resumed.model.generator.net[0].weight, gan.generator.net[0].weight)
 
 
 def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

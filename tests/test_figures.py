@@ -203,11 +203,12 @@ def test_collapse_monitor(tmp_path, collapsed: bool) -> None:
     gan = GAN(generator, MaxoutDiscriminator(in_shape=(1, 10, 10), units=[4, 4], pieces=2))
     monitor = CollapseMonitor(num_samples=200, num_reference=1000)
     trainer = quiet_trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[monitor])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):  # patience 2: the warning comes at the second check, and only once
+    helvetica_per_check = []
+    for _ in range(3):  # patience 2: the warning comes at the second check, and only once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             trainer.validate(gan, datamodule=TinyData(train, val), verbose=False)
-    helvetica = [w for w in caught if "Helvetica" in str(w.message)]
+        helvetica_per_check.append(sum("Helvetica" in str(w.message) for w in caught))
     metrics = trainer.callback_metrics
     assert set(metrics) >= {
         "monitor/d_real",
@@ -216,11 +217,12 @@ def test_collapse_monitor(tmp_path, collapsed: bool) -> None:
         "monitor/relative_distance",
     }
     if collapsed:
-        assert len(helvetica) == 1  # once, however often it is checked
+        assert helvetica_per_check == [0, 1, 0]  # at the second check in a row, then never again
+        assert monitor.collapsed_checks == 3 and monitor.warned
         assert metrics["monitor/distinct_neighbours"] == 1 / 200
         assert metrics["monitor/relative_distance"] < 1e-3 and metrics["monitor/relative_nn_distance"] < 1e-3
     else:
-        assert helvetica == []
+        assert helvetica_per_check == [0, 0, 0] and monitor.collapsed_checks == 0
         assert metrics["monitor/distinct_neighbours"] > 0.3
         assert 0.8 < metrics["monitor/relative_distance"] < 1.2 and 0.5 < metrics["monitor/relative_nn_distance"] < 2
 
@@ -322,3 +324,24 @@ def test_grids_go_to_tensorboard_and_to_png_files(tmp_path: Path) -> None:
     }
     for key in ("samples", "interpolations"):
         assert [p.name for p in (run / key).iterdir()] == ["epoch=0000-step=2.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("stop", "last"),
+    [({"max_epochs": 3}, "epoch=0002-step=6.png"), ({"max_steps": 5}, "epoch=0002-step=5.png")],  # mid-epoch
+)
+def test_grids_follow_every_n_epochs_and_one_more_when_training_stops_between(
+    tmp_path: Path, stop: dict[str, int], last: str
+) -> None:
+    folder = tmp_path / "grids"
+    trainer = quiet_trainer(
+        default_root_dir=tmp_path,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        callbacks=[SampleGrid(num_samples=4, nrow=2, every_n_epochs=2, dirpath=folder)],
+        enable_checkpointing=False,
+        **stop,
+    )
+    trainer.fit(tiny_gan((1, 6, 6)), datamodule=TinyData(torch.rand(40, 1, 6, 6), torch.rand(10, 1, 6, 6)))
+    # the second epoch (index 1) by every_n_epochs, then once at the end of training, named by its epoch index
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0001-step=4.png", last]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import quiet_trainer, tiny_nets
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan import GAN, ExponentialDecay, MaxoutDiscriminator, MomentumRamp
+from lightning_gan import GAN, ExponentialDecay, MaxoutDiscriminator, MLPGenerator, MomentumRamp
 
 
 def tiny_gan(keep_prob: float | None = None, **kwargs) -> GAN:
@@ -166,6 +167,8 @@ def test_gan_steps_the_schedules_per_update_and_per_epoch() -> None:
         ({"schedule": "sometimes"}, "`schedule`"),
         ({"generator_loss": "hinge"}, "`generator_loss`"),
         ({"lr_decay": 0.5}, "`lr_decay`"),
+        ({"nonfinite": "bogus"}, "Expected `nonfinite` to be 'stop' or 'skip'"),
+        ({"nonfinite": "skip", "cuda_graph": True}, "`nonfinite: stop` with `cuda_graph: true`"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs: dict, match: str) -> None:
@@ -234,11 +237,80 @@ def test_user_networks_and_loss_overrides_drive_training() -> None:
     assert gan.training and gan.generator.training  # sample() restores the mode
 
 
-def test_sample_is_in_eval_mode_without_gradients() -> None:
-    gan = tiny_gan()
-    out = gan.sample(4)
-    assert out.shape == (4, 1, 2, 2) and not out.requires_grad
-    assert out.min() >= 0 and out.max() <= 1
+class DropoutGenerator(UserGenerator):
+    """Dropout on its output, and a record of the mode of each forward call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+        self.modes: list[bool] = []
+
+    def forward(self, z: Tensor) -> Tensor:
+        self.modes.append(self.training)
+        return self.dropout(super().forward(z))
+
+
+@pytest.mark.parametrize("start_in_training", [True, False])
+def test_sample_is_in_eval_mode_without_gradients(start_in_training: bool) -> None:
+    gan = GAN(DropoutGenerator(), tiny_nets()[1])
+    gan.train(start_in_training)
+    torch.manual_seed(0)
+    first = gan.sample(64)
+    torch.manual_seed(0)
+    second = gan.sample(64)
+    assert gan.generator.modes == [False, False]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout mask: the same noise, the same images
+    assert first.shape == (64, 1, 2, 2) and not first.requires_grad and (first != 0).all()
+    assert gan.generator.training == start_in_training  # the mode is restored
+
+
+class Marginals(LightningDataModule):
+    """Training images whose per-pixel mean is known, and a ``pixel_mean()`` as GANDataModule's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = torch.tensor([[0.2, 0.5, 0.9, 0.0]]).repeat(10, 1).view(10, 1, 2, 2)
+
+    def pixel_mean(self) -> Tensor:
+        return self.images.mean(dim=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images), batch_size=5)
+
+
+class BiasAtStart(Callback):
+    def on_train_start(self, trainer: Trainer, pl_module: GAN) -> None:
+        self.bias = pl_module.generator.output_layer.bias.detach().clone()
+
+
+def marginal_gan() -> GAN:
+    generator = MLPGenerator(noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2))
+    return GAN(generator, tiny_nets()[1])
+
+
+def test_the_output_bias_starts_at_the_training_marginals_and_is_kept_on_resume(tmp_path: Path) -> None:
+    start = BiasAtStart()
+    gan = marginal_gan()
+    quiet_trainer(max_steps=2, callbacks=[start], default_root_dir=tmp_path).fit(gan, datamodule=Marginals())
+    expected = torch.logit(torch.tensor([0.2, 0.5, 0.9, 0.0], dtype=torch.float64).clamp(1e-7, 1 - 1e-7))
+    torch.testing.assert_close(start.bias, expected.float())
+
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = BiasAtStart()
+    trainer = quiet_trainer(max_steps=3, callbacks=[resumed], default_root_dir=tmp_path / "resumed")
+    trainer.fit(marginal_gan(), datamodule=Marginals(), ckpt_path=checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]["generator.net.2.bias"]  # output_layer
+    torch.testing.assert_close(resumed.bias, saved, rtol=0, atol=0)  # the trained bias, not the marginals again
+    assert not torch.allclose(saved, expected.float())
+
+
+def test_the_output_bias_without_a_pixel_mean_warns_and_stays() -> None:
+    gan = marginal_gan()
+    initial = gan.generator.output_layer.bias.detach().clone()
+    start = BiasAtStart()
+    with pytest.warns(UserWarning, match="has no `pixel_mean"):
+        trainer(max_steps=1, callbacks=[start]).fit(gan, loader())
+    torch.testing.assert_close(start.bias, initial, rtol=0, atol=0)
 
 
 def test_validation_logs_losses_reproducibly() -> None:

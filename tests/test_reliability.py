@@ -21,7 +21,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator
+from lightning_gan import (
+    GAN,
+    CollapseMonitor,
+    GANDataModule,
+    LatentInterpolation,
+    MaxoutDiscriminator,
+    MLPGenerator,
+    ParzenEvaluation,
+    SampleGrid,
+)
 from lightning_gan.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, check_writable
 from lightning_gan.cli import build_cli
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
@@ -211,7 +220,37 @@ def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["data_dir"] == str(tmp_path)
 
 
-def test_gan_datamodule_trains_from_a_resumable_loader(mnist_root: Path) -> None:
+def test_evaluation_and_figures_leave_the_training_random_stream_alone(mnist_root: Path, tmp_path: Path) -> None:
+    def trained_weights(evaluate: bool) -> dict[str, Tensor]:
+        seed_everything(0, verbose=False)
+        gan = GAN(
+            MLPGenerator(noise_dim=8, hidden_sizes=(16,), hidden_activations=("relu",)),
+            MaxoutDiscriminator(units=(8,), pieces=2),  # dropout on: every random draw shows in the weights
+        )
+        callbacks = [
+            ParzenEvaluation(num_samples=200, val_size=20, test_size=20, chunk_size=100),
+            SampleGrid(num_samples=4, nrow=2, nearest_neighbours=True),
+            LatentInterpolation(num_rows=2, num_steps=3),
+            CollapseMonitor(num_samples=20, num_reference=50),
+        ]
+        trainer = quiet_trainer(
+            max_epochs=2,
+            limit_train_batches=3,
+            limit_val_batches=2 if evaluate else 0,
+            num_sanity_val_steps=2 if evaluate else 0,
+            callbacks=callbacks if evaluate else [],
+            default_root_dir=tmp_path / str(evaluate),
+            enable_checkpointing=False,
+        )
+        trainer.fit(gan, datamodule=GANDataModule(data_dir=mnist_root, download=False))
+        if evaluate:
+            assert "parzen/val_ll" in trainer.callback_metrics and "monitor/d_real" in trainer.callback_metrics
+        return gan.state_dict()
+
+    assert_identical(trained_weights(evaluate=False), trained_weights(evaluate=True), "weights")
+
+
+def test_gan_datamodule_uses_the_resumable_loader_and_sampler(mnist_root: Path) -> None:
     dm = GANDataModule(data_dir=mnist_root, download=False)
     assert isinstance(dm.train_dataloader(), ResumableDataLoader)
     assert isinstance(dm.train_dataloader().sampler, EpochRandomSampler)
