@@ -88,6 +88,25 @@ def test_two_ddp_ranks_give_the_numbers_of_one_process(mnist_root: Path) -> None
             assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
 
 
+class CountSelections(ParzenEvaluation):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.epochs: list[int] = []
+
+    def select(self, trainer: Trainer, pl_module: GAN, centres: torch.Tensor | None = None) -> float:
+        self.epochs.append(trainer.current_epoch)
+        return super().select(trainer, pl_module, centres)
+
+
+def test_sigma_is_selected_every_n_epochs_and_never_in_the_sanity_check(mnist_root: Path) -> None:
+    callback = CountSelections(num_samples=200, val_size=20, test_size=20, chunk_size=100, every_n_epochs=2)
+    trainer = quiet_trainer(
+        callbacks=[callback], max_epochs=4, limit_train_batches=1, limit_val_batches=1, enable_checkpointing=False
+    )
+    trainer.fit(seeded_gan(), datamodule=GANDataModule(data_dir=mnist_root, download=False))
+    assert callback.epochs == [1, 3]  # the 2nd and 4th epochs; the sanity check before epoch 0 is skipped
+
+
 def test_a_test_run_uses_the_checkpointed_sigma_or_else_selects_one_on_validation(
     mnist_root: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +137,8 @@ def test_a_test_run_uses_the_checkpointed_sigma_or_else_selects_one_on_validatio
         ({"val_size": -1}, "val_size"),
         ({"sigmas": [0.1, 0.0]}, "sigmas"),
         ({"sigmas": []}, "sigmas"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"test_size": 0}, "test_size"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
