@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -16,7 +18,9 @@ from lightning_gan.cli import build_cli
 def load_cli(config: Path, data_dir: Path, *overrides: str) -> LightningCLI:
     """The config's model and datamodule (``run=False``), with no logger and no progress bar."""
     flags = [f"--config={config}", f"--data.init_args.data_dir={data_dir}", "--trainer.logger=false"]
-    return build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
+    # The script's own flags are in sys.argv: hide them, or LightningCLI warns that it was given both.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
 
 
 def bench_trainer(accelerator: str, callbacks: list[Callback], **limits: Any) -> Trainer:
