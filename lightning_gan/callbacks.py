@@ -35,7 +35,8 @@ class ParzenEvaluation(Callback):
     saved in the callback's checkpoint state; a ``test`` run without one selects it on the validation split first.
 
     Args:
-        num_samples: generator samples used as window centres (the authors: 10,000).
+        num_samples: generator samples used as window centres (the authors: 10,000), drawn by ``GAN.sample``: from
+            the generator's weight average when the GAN keeps one (``ema_decay``).
         every_n_epochs: select sigma (and log ``parzen/val_ll``) every this many validation epochs.
         val_size: validation images used to choose sigma (the authors: the first 1,000 of MNIST's validation split;
             ``None``: the whole split, as for TFD's valid fold).

@@ -82,6 +82,11 @@ def _generate(net: nn.Module, z: Tensor, device: torch.device) -> Tensor:
         net.train(was_training)
 
 
+def _sampling_generator(pl_module: LightningModule) -> nn.Module:
+    """The generator that figures show: ``GAN.sampling_generator`` (the weight average, if kept), else ``generator``."""
+    return getattr(pl_module, "sampling_generator", pl_module.generator)
+
+
 def _fixed_noise(pl_module: LightningModule, n: int, seed: int) -> Tensor:
     """``n`` noise vectors from ``generator.sample_noise`` on the CPU, seeded: the same on every rank and run."""
     with torch.random.fork_rng(devices=[]):
@@ -179,7 +184,8 @@ class _GridCallback(Callback):
 
 
 class SampleGrid(_GridCallback):
-    """Samples from one fixed noise batch as a grid, optionally each beside its nearest training image (Figure 2).
+    """Samples from one fixed noise batch as a grid, optionally each beside its nearest training image (Figure 2);
+    drawn from ``GAN.sampling_generator`` (the generator's weight average when the GAN keeps one).
 
     Args:
         num_samples: samples in the grid.
@@ -221,7 +227,9 @@ class SampleGrid(_GridCallback):
 
     @override
     def make_grid(self, pl_module: LightningModule, datamodule: Any = None) -> Tensor:
-        samples = _generate(pl_module.generator, self._fixed_noise(pl_module), pl_module.device)  # (n, C, H, W)
+        samples = _generate(
+            _sampling_generator(pl_module), self._fixed_noise(pl_module), pl_module.device
+        )  # (n, C, H, W)
         if not self.nearest_neighbours:
             return make_grid(_rgb(_to_display(datamodule, samples)), nrow=self.nrow, pad_value=1.0)
         neighbours, _ = nearest_training_images(samples, _datamodule_images(datamodule, "train", "SampleGrid"))
@@ -270,5 +278,5 @@ class LatentInterpolation(_GridCallback):
         z_a, z_b = self._fixed_noise(pl_module).chunk(2)  # (rows, *noise shape) each
         t = torch.linspace(0, 1, self.num_steps, dtype=z_a.dtype).view(1, -1, *[1] * (z_a.ndim - 1))
         z = ((1 - t) * z_a.unsqueeze(1) + t * z_b.unsqueeze(1)).flatten(0, 1)  # (rows * steps, *noise shape)
-        images = _generate(pl_module.generator, z, pl_module.device)
+        images = _generate(_sampling_generator(pl_module), z, pl_module.device)
         return make_grid(_rgb(_to_display(datamodule, images)), nrow=self.num_steps, pad_value=1.0)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gan.averaging import average_weight, check_decay, frozen_copy, reconcile_checkpoint, update_average
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.resume import rng_state, set_rng_state
@@ -75,10 +76,14 @@ class GAN(CudaGraphTraining, LightningModule):
             (checked on every device, a ``ValueError`` when fitting starts); callbacks' ``on_before_backward``,
             ``on_after_backward`` and ``on_before_optimizer_step`` are not called. Elsewhere (CPU) training runs the
             usual eager update, unchanged.
+        ema_decay: keep an exponential moving average of the generator's weights with this decay (e.g. ``0.999``),
+            as :attr:`generator_ema`, and draw from it in :meth:`sample`, the figure callbacks and the Parzen
+            evaluation (see :mod:`lightning_gan.averaging`; not in the paper). ``None``: no average.
 
     Raises:
         ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,
-            ``lr_decay < 1``, an unknown ``nonfinite``, or ``cuda_graph`` with ``nonfinite="skip"``.
+            ``lr_decay < 1``, an unknown ``nonfinite``, ``cuda_graph`` with ``nonfinite="skip"``, or ``ema_decay``
+            outside ``(0, 1)``.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
 
@@ -98,6 +103,7 @@ class GAN(CudaGraphTraining, LightningModule):
         momentum_saturate_epoch: int = 250,
         nonfinite: NonFinite = "stop",
         cuda_graph: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(k, int) or k < 1:
@@ -120,6 +126,7 @@ class GAN(CudaGraphTraining, LightningModule):
                 f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
                 "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
             )
+        check_decay(ema_decay)
         if cuda_graph and nonfinite == "skip":
             raise ValueError(
                 "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
@@ -147,6 +154,10 @@ class GAN(CudaGraphTraining, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
+        self.ema_decay = ema_decay
+        self.generator_ema = frozen_copy(generator) if ema_decay is not None else None
+        # The average's step, on the module's device: the CUDA graph reads it at each replay.
+        self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -233,6 +244,8 @@ class GAN(CudaGraphTraining, LightningModule):
             )
             return
         self.generator.init_output_bias(pixel_mean())
+        if self.generator_ema is not None:
+            self.generator_ema.init_output_bias(pixel_mean())
 
     @property
     def _one_pass(self) -> bool:
@@ -270,8 +283,26 @@ class GAN(CudaGraphTraining, LightningModule):
             finally:
                 optimizer._on_before_step, optimizer._on_after_step = before, after
         self._constrain(network)
+        if network is self.generator:
+            self._set_average_weight(self.generator_updates)
+            self._average_generator()
         for decay in decays:
             decay.step()
+
+    def _set_average_weight(self, update: int) -> None:
+        """Set how far :meth:`_average_generator` moves the average, for the generator's ``update``-th update."""
+        if self.ema_decay is not None:
+            self._ema_weight.fill_(average_weight(self.ema_decay, update))
+
+    def _average_generator(self) -> None:
+        if self.generator_ema is not None:
+            update_average(self.generator_ema, self.generator, self._ema_weight)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator that :meth:`sample`, the figure callbacks and the Parzen evaluation draw from: the weight
+        average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     @staticmethod
     def _constrain(network: nn.Module) -> None:
@@ -440,6 +471,10 @@ class GAN(CudaGraphTraining, LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""
+        if isinstance(checkpoint.get("state_dict"), dict):
+            done = reconcile_checkpoint(checkpoint["state_dict"], averaging=self.generator_ema is not None)
+            if done:
+                rank_zero_info(f"GAN: {done}.")
         check_architecture(self, checkpoint)
         if self._graphs is not None:
             self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
@@ -480,10 +515,12 @@ class GAN(CudaGraphTraining, LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """Draw ``n`` images ``(n, C, H, W)`` from the generator, in eval mode, on the module's device."""
-        was_training = self.generator.training
-        self.generator.eval()
+        """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
+        in eval mode, on the module's device."""
+        generator = self.sampling_generator
+        was_training = generator.training
+        generator.eval()
         try:
-            return self.generator(self.generator.sample_noise(n, self.device))
+            return generator(generator.sample_noise(n, self.device))
         finally:
-            self.generator.train(was_training)
+            generator.train(was_training)

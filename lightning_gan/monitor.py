@@ -41,7 +41,8 @@ class CollapseMonitor(Callback):
     """The balance of the game and the diversity of the samples, checked at the end of validation epochs.
 
     Logs, from ``num_samples`` samples of a fixed noise batch and as many fixed validation images (D and G in eval
-    mode, distances in data space):
+    mode, distances in data space; G is the generator that trains, not its weight average: the monitor watches the
+    game):
 
     * ``monitor/d_real`` and ``monitor/d_fake``: mean D(x) and D(G(z)) (both 1/2 at the game's equilibrium);
     * ``monitor/distinct_neighbours``: distinct nearest training images (among ``num_reference`` fixed ones) of the

@@ -51,6 +51,12 @@ def test_fit_from_the_fast_mnist_config(mnist_root: Path, tmp_path: Path) -> Non
     assert gan.cuda_graph and gan.schedule == "alternating" and gan.lr_decay == 1.0 and gan.momentum_final is None
     assert [type(opt) for opt in cli.trainer.optimizers] == [torch.optim.Adam, torch.optim.Adam]
     assert cli.datamodule.device_resident
+    # the generator's weight average is checkpointed, and a model rebuilt from the checkpoint samples from it
+    assert gan.ema_decay == 0.999
+    loaded = GAN.load_from_checkpoint(next(tmp_path.rglob("*.ckpt")))
+    assert loaded.sampling_generator is loaded.generator_ema
+    for key, value in gan.generator_ema.state_dict().items():
+        torch.testing.assert_close(loaded.generator_ema.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_a_checkpoint_is_tested_validated_and_resumed_through_the_cli(

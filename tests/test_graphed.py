@@ -241,9 +241,10 @@ class NeverCaptured(GAN):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("schedule", "k"), [("simultaneous", 1), ("alternating", 2)])
 def test_on_a_gpu_the_replayed_graph_makes_the_eager_update(tmp_path: Path, schedule: str, k: int) -> None:
-    eager = make_gan(NeverCaptured, schedule=schedule, k=k, cuda_graph=True)
+    # with the generator's weight average, updated inside the graph
+    eager = make_gan(NeverCaptured, schedule=schedule, k=k, cuda_graph=True, ema_decay=0.9)
     fit(eager, tmp_path, device="cuda", epochs=3)
-    graphed = make_gan(schedule=schedule, k=k, cuda_graph=True)
+    graphed = make_gan(schedule=schedule, k=k, cuda_graph=True, ema_decay=0.9)
     fit(graphed, tmp_path, device="cuda", epochs=3)
     assert eager._graphs.captures == 0
     # Each epoch's momentum is a new constant: one capture per variant and epoch, after each variant's 3 warm-up
@@ -271,7 +272,7 @@ class NoHostSync(Callback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_the_fast_path_never_waits_for_the_device(tmp_path: Path) -> None:
     # no momentum ramp (its per-epoch capture synchronises by design), no logging step in the run
-    gan = make_gan(cuda_graph=True, momentum_final=None)
+    gan = make_gan(cuda_graph=True, momentum_final=None, ema_decay=0.999)
     check = NoHostSync(after=4)  # batches 0-2 warm up, batch 3 is captured
     try:
         fit(gan, tmp_path, device="cuda", epochs=3, log_every_n_steps=1000, callbacks=[check])

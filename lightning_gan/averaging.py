@@ -1,0 +1,71 @@
+"""An exponential moving average of the generator's weights (``GAN(ema_decay=...)``), the copy that samples and
+evaluations draw from.
+
+Averaging a GAN generator's iterates (Yazici et al., "The Unusual Effectiveness of Averaging in GAN Training", ICLR
+2019) smooths out the oscillation of the adversarial game; the generator that trains is unchanged. The decay warms up
+as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does, so that early averages do not hold on to the
+random initialisation: after the generator's ``n``-th update the average moves towards it by
+``1 - min(decay, (1 + n) / (10 + n))``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+PREFIX = "generator_ema."
+
+
+def check_decay(decay: float | None) -> None:
+    """Raise a ``ValueError`` unless ``decay`` is ``None`` or in ``(0, 1)``."""
+    if decay is not None and not 0 < decay < 1:
+        raise ValueError(
+            f"Expected `ema_decay` in (0, 1), e.g. 0.999 (an average over about 1,000 generator updates), or null to "
+            f"switch the average off, but got {decay!r}."
+        )
+
+
+def frozen_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` whose parameters take no gradient."""
+    average = copy.deepcopy(network)
+    average.requires_grad_(False)
+    return average
+
+
+def average_weight(decay: float, update: int) -> float:
+    """How far the average moves towards the generator after the generator's ``update``-th update (1-based)."""
+    return 1.0 - min(decay, (1.0 + update) / (10.0 + update))
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, current: nn.Module, weight: Tensor) -> None:
+    """``average += weight * (current - average)`` for every parameter, with ``weight`` a 0-d tensor on their device
+    (read at run time, so that a CUDA graph can replay it); buffers are copied. Only device work: no host sync."""
+    averaged = list(average.parameters())
+    difference = torch._foreach_sub(list(current.parameters()), averaged)
+    torch._foreach_mul_(difference, weight)
+    torch._foreach_add_(averaged, difference)
+    for averaged_buffer, buffer in zip(average.buffers(), current.buffers(), strict=True):
+        averaged_buffer.copy_(buffer)
+
+
+def reconcile_checkpoint(state_dict: dict[str, Any], averaging: bool) -> str | None:
+    """Make a checkpoint's ``state_dict`` fit a model with (``averaging``) or without a generator average, in place:
+    an average missing from the checkpoint starts from its generator, one the model does not keep is dropped.
+
+    Returns:
+        What was done, to tell the user, or ``None`` when the checkpoint already fit.
+    """
+    saved = [key for key in state_dict if key.startswith(PREFIX)]
+    if averaging and not saved:
+        for key in [key for key in state_dict if key.startswith("generator.")]:
+            state_dict[PREFIX + key.removeprefix("generator.")] = state_dict[key].clone()
+        return "the checkpoint has no generator average (`ema_decay`): the average starts from its generator"
+    if not averaging and saved:
+        for key in saved:
+            del state_dict[key]
+        return "the checkpoint's generator average is left out, as this model has `ema_decay: null`"
+    return None
