@@ -4,8 +4,8 @@ evaluations draw from.
 Averaging a GAN generator's iterates (Yazici et al., "The Unusual Effectiveness of Averaging in GAN Training", ICLR
 2019) smooths out the oscillation of the adversarial game; the generator that trains is unchanged. The decay warms up
 as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does, so that early averages do not hold on to the
-random initialisation: after the generator's ``n``-th update the average moves towards it by
-``1 - min(decay, (1 + n) / (10 + n))``.
+random initialisation: after the schedule's ``n``-th generator step (one left out by ``nonfinite="skip"`` counts too)
+the average moves towards the generator by ``1 - min(decay, (1 + n) / (10 + n))``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ def check_decay(decay: float | None) -> None:
         raise ValueError(
             f"Expected `ema_decay` in (0, 1), e.g. 0.999 (an average over about 1,000 generator updates), or null to "
             f"switch the average off, but got {decay!r}."
+        )
+
+
+def check_precision(average: nn.Module, decay: float) -> None:
+    """Raise a ``ValueError`` when ``average``'s weights are 16-bit floats, in which its updates would round away."""
+    dtypes = {p.dtype for p in average.parameters() if p.is_floating_point()}
+    low = sorted(str(dtype) for dtype in dtypes if torch.finfo(dtype).bits < 32)
+    if low:
+        raise ValueError(
+            f"`ema_decay={decay}` averages the generator's weights, but they are {', '.join(low)} here, in which an "
+            f"update of {1 - decay:.3g} of the difference rounds away: train with `precision` 32-true or a -mixed "
+            "precision, or set `ema_decay: null`."
         )
 
 

@@ -11,6 +11,8 @@ What a graph bakes in, and how it stays right:
   ``SGD``, ``Adam`` and ``AdamW``). Checkpoints are written with the user's own settings and float learning rates.
 * Every other hyperparameter (momentum, betas, weight decay, ...) is a constant of the graph: when one changes (the
   momentum ramp, once per epoch) the update is captured again. So is it for each new batch shape.
+* The generator's weight average (``ema_decay``) moves by a 0-d device tensor that the host fills before each
+  replay (its warm-up changes it every step).
 * Random numbers (noise, dropout masks) come from the device generator, which CUDA graphs advance on every replay.
 * Gradients live in the graphs' memory: outside the update, a parameter's ``.grad`` is not the last batch's.
 """

@@ -23,7 +23,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gan.averaging import average_weight, check_decay, frozen_copy, reconcile_checkpoint, update_average
+from lightning_gan.averaging import (
+    average_weight,
+    check_decay,
+    check_precision,
+    frozen_copy,
+    reconcile_checkpoint,
+    update_average,
+)
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.resume import rng_state, set_rng_state
@@ -77,8 +84,10 @@ class GAN(CudaGraphTraining, LightningModule):
             ``on_after_backward`` and ``on_before_optimizer_step`` are not called. Elsewhere (CPU) training runs the
             usual eager update, unchanged.
         ema_decay: keep an exponential moving average of the generator's weights with this decay (e.g. ``0.999``),
-            as :attr:`generator_ema`, and draw from it in :meth:`sample`, the figure callbacks and the Parzen
-            evaluation (see :mod:`lightning_gan.averaging`; not in the paper). ``None``: no average.
+            as :attr:`generator_ema` (a deep copy of ``generator``), and draw from it in :meth:`sample`, the figure
+            callbacks and the Parzen evaluation (see :mod:`lightning_gan.averaging`; not in the paper). Needs 32- or
+            64-bit weights (``precision`` ``32-true``, ``64-true`` or a ``-mixed`` one), checked when fitting starts.
+            ``None``: no average.
 
     Raises:
         ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,
@@ -156,8 +165,11 @@ class GAN(CudaGraphTraining, LightningModule):
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
         self.ema_decay = ema_decay
         self.generator_ema = frozen_copy(generator) if ema_decay is not None else None
-        # The average's step, on the module's device: the CUDA graph reads it at each replay.
-        self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
+        if ema_decay is not None:
+            # The average's step, on the module's device: the CUDA graph reads it at each replay. Every rank fills it
+            # alike, so DDP need not broadcast it before each forward pass, as it does module buffers.
+            self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
+            self._ddp_params_and_buffers_to_ignore = ["_ema_weight"]
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -253,6 +265,10 @@ class GAN(CudaGraphTraining, LightningModule):
         :meth:`_simultaneous_losses`)."""
         return self._trainer is None or isinstance(self._trainer.strategy, SingleDeviceStrategy)
 
+    def on_fit_start(self) -> None:
+        if self.generator_ema is not None:
+            check_precision(self.generator_ema, self.ema_decay)  # after the precision plugin converted the weights
+
     def on_train_start(self) -> None:
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
@@ -290,7 +306,8 @@ class GAN(CudaGraphTraining, LightningModule):
             decay.step()
 
     def _set_average_weight(self, update: int) -> None:
-        """Set how far :meth:`_average_generator` moves the average, for the generator's ``update``-th update."""
+        """Set how far :meth:`_average_generator` moves the average, for the schedule's ``update``-th generator step
+        (updates left out by ``nonfinite="skip"`` included)."""
         if self.ema_decay is not None:
             self._ema_weight.fill_(average_weight(self.ema_decay, update))
 

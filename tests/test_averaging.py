@@ -12,21 +12,22 @@ import torch
 from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan import GAN, SampleGrid
+from lightning_gan import GAN, MLPGenerator, SampleGrid
 from lightning_gan.averaging import average_weight
 
 BATCHES = 6
 
 
-def make_gan(**kwargs: Any) -> GAN:
+def make_gan(generator: nn.Module | None = None, **kwargs: Any) -> GAN:
     """Adam with a large step, so that the weights (and their average) move visibly in a few batches."""
     seed_everything(0, verbose=False)
     adam = partial(torch.optim.Adam, lr=0.05)
     options = {"generator_optimizer": adam, "discriminator_optimizer": adam, "lr_decay": 1.0, "momentum_final": None}
-    return GAN(*tiny_nets(), **{**options, **kwargs})
+    tiny_generator, discriminator = tiny_nets()
+    return GAN(generator or tiny_generator, discriminator, **{**options, **kwargs})
 
 
 def loader() -> DataLoader:
@@ -63,20 +64,44 @@ def test_the_weight_warms_up_to_one_minus_the_decay() -> None:
     assert average_weight(0.999, 10**6) == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize(("schedule", "k"), [("simultaneous", 1), ("alternating", 2)])
-def test_the_average_follows_every_generator_update(tmp_path: Path, schedule: str, k: int) -> None:
+class NormalisedNoiseGenerator(MLPGenerator):
+    """A generator with buffers: batch norm of the noise, whose running statistics change in training."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            noise_dim=4,
+            hidden_sizes=(8,),
+            hidden_activations=("relu",),
+            out_shape=(1, 2, 2),
+            output_bias_from_data=False,
+        )
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return super().forward(self.norm(z))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "k", "decay"),
+    [("simultaneous", 1, 0.5), ("alternating", 2, 0.5), ("simultaneous", 1, 0.2)],  # 0.2: the decay caps from n = 2
+)
+def test_the_average_follows_every_generator_update(tmp_path: Path, schedule: str, k: int, decay: float) -> None:
     record = RecordGenerator()
-    gan = make_gan(schedule=schedule, k=k, ema_decay=0.5)
+    gan = make_gan(schedule=schedule, k=k, ema_decay=decay, generator=NormalisedNoiseGenerator())
     fit(gan, tmp_path, callbacks=[record])
     updates = record.states[1:]
     assert len(updates) == gan.generator_updates == BATCHES // k
     expected = record.states[0]  # the average starts as the generator
     for n, state in enumerate(updates, start=1):
-        weight = average_weight(0.5, n)
+        weight = average_weight(decay, n)
         expected = [a + weight * (p - a) for a, p in zip(expected, state, strict=True)]
     for average, by_hand in zip(generator_params(gan, "generator_ema"), expected, strict=True):
         torch.testing.assert_close(average, by_hand)
     assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+    # buffers are the generator's own
+    assert gan.generator.norm.num_batches_tracked > 0
+    for name, buffer in gan.generator.named_buffers():
+        torch.testing.assert_close(gan.generator_ema.get_buffer(name), buffer, rtol=0, atol=0)
 
 
 def test_the_average_leaves_training_untouched(tmp_path: Path) -> None:
@@ -135,6 +160,13 @@ def test_checkpoints_with_and_without_the_average_load_both_ways(tmp_path: Path)
     averaged_path = tmp_path / "averaged" / "checkpoints" / f"epoch=0-step={BATCHES}.ckpt"
     plain = GAN.load_from_checkpoint(averaged_path, **networks, ema_decay=None)
     assert plain.generator_ema is None and not any(key.startswith("generator_ema") for key in plain.state_dict())
+
+
+def test_half_precision_weights_are_refused_before_training() -> None:
+    trainer = quiet_trainer(precision="bf16-true", max_steps=1, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"torch.bfloat16 here, in which an update of 0.001 of the difference rounds"):
+        trainer.fit(make_gan(ema_decay=0.999), loader())
+    assert trainer.global_step == 0
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, 1.5, -0.1])
