@@ -2,10 +2,12 @@
 evaluations draw from.
 
 Averaging a GAN generator's iterates (Yazici et al., "The Unusual Effectiveness of Averaging in GAN Training", ICLR
-2019) smooths out the oscillation of the adversarial game; the generator that trains is unchanged. The decay warms up
-as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does, so that early averages do not hold on to the
-random initialisation: after the schedule's ``n``-th generator step (one left out by ``nonfinite="skip"`` counts too)
-the average moves towards the generator by ``1 - min(decay, (1 + n) / (10 + n))``.
+2019) smooths out the oscillation of the adversarial game; the generator that trains is unchanged. The average is
+bias-corrected as Adam's moment estimates are (Kingma & Ba, 2015): after the schedule's ``n``-th generator step (one
+left out by ``nonfinite="skip"`` counts too) it moves towards the generator by ``(1 - decay) / (1 - decay ** n)``.
+So it weights the iterates so far by ``decay ** age``, normalised, and the random initial weights have no part in it
+(the first step replaces them): early on it is nearly the plain mean of the iterates so far, later the usual
+exponential average over about ``1 / (1 - decay)`` generator updates.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def frozen_copy(network: nn.Module) -> nn.Module:
 
 
 def average_weight(decay: float, update: int) -> float:
-    """How far the average moves towards the generator after the generator's ``update``-th update (1-based)."""
-    return 1.0 - min(decay, (1.0 + update) / (10.0 + update))
+    """How far the average moves towards the generator after the generator's ``update``-th step (1-based)."""
+    return (1.0 - decay) / (1.0 - decay**update)
 
 
 @torch.no_grad()

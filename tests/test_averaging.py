@@ -58,10 +58,20 @@ class RecordGenerator(Callback):
             self.states.append(current)
 
 
-def test_the_weight_warms_up_to_one_minus_the_decay() -> None:
-    assert average_weight(0.999, 1) == pytest.approx(1 - 2 / 11)
-    assert average_weight(0.999, 90) == pytest.approx(1 - 91 / 100)
+def test_the_weights_make_a_bias_corrected_average() -> None:
+    assert average_weight(0.999, 1) == pytest.approx(1.0)  # the first step replaces the initial weights
+    assert average_weight(0.999, 2) == pytest.approx(0.001 / (1 - 0.999**2))
     assert average_weight(0.999, 10**6) == pytest.approx(0.001)
+    # unrolled, iterate i of n carries decay ** (n - i), normalised to sum 1: nothing is left of the initial weights
+    decay, n, remaining = 0.9, 30, 1.0
+    shares = []
+    for step in range(1, n + 1):
+        weight = average_weight(decay, step)
+        shares = [share * (1 - weight) for share in shares] + [weight]
+        remaining *= 1 - weight
+    assert remaining == 0.0
+    expected = torch.tensor([decay ** (n - i) for i in range(1, n + 1)], dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(shares, dtype=torch.float64), expected / expected.sum())
 
 
 class NormalisedNoiseGenerator(MLPGenerator):
@@ -83,7 +93,7 @@ class NormalisedNoiseGenerator(MLPGenerator):
 
 @pytest.mark.parametrize(
     ("schedule", "k", "decay"),
-    [("simultaneous", 1, 0.5), ("alternating", 2, 0.5), ("simultaneous", 1, 0.2)],  # 0.2: the decay caps from n = 2
+    [("simultaneous", 1, 0.5), ("alternating", 2, 0.5), ("simultaneous", 1, 0.2)],
 )
 def test_the_average_follows_every_generator_update(tmp_path: Path, schedule: str, k: int, decay: float) -> None:
     record = RecordGenerator()
