@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         max_epochs=args.max_epochs if args.max_epochs is not None else -1,
         max_time={"minutes": args.minutes} if args.minutes is not None else None,
         limit_train_batches=args.limit_train_batches,
+        log_every_n_steps=cli.config.get("trainer.log_every_n_steps") or 50,  # the config's (no logger is attached)
     )
     trainer.fit(cli.model, datamodule=cli.datamodule)
     print(table.out_stem.with_suffix(".md").read_text())

@@ -13,9 +13,13 @@ Prints steps/s (training batches per second, median of ``--repeats`` interleaved
   on the training device, no host-to-device copy per step),
 * ``lightning-gan fast path``: device-resident data and ``model.init_args.cuda_graph=true`` (each batch's update
   replayed as one CUDA graph; on a CPU this is the eager update),
+* ``lightning-gan fast path, metrics every 500 steps``: the same with ``log_every_n_steps=500`` instead of
+  Lightning's 50 (each logging step costs Lightning milliseconds of host time),
 * ``lightning-gan loop only``: the fast path with the update itself left out (a no-op returning fixed statistics):
   what Lightning's loop, the data loader and the package's bookkeeping cost the host per step, the ceiling of the
-  fast path on this machine,
+  fast path on this machine's host,
+* ``captured update alone`` (CUDA only): the fast path's captured graph replayed in a bare Python loop on one fixed
+  batch, without Lightning or data: the device's time per update, the ceiling of the fast path on this GPU,
 
 and the ratios of lightning-gan and of its fast path to the same-math loop. Data sits in memory for every variant;
 batch size comes from the config. Without MNIST files a synthetic dataset in the real format is used (said in the
@@ -43,7 +47,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_common import bench_trainer, load_cli, sync  # noqa: E402
 
 from lightning_gan import GAN  # noqa: E402
-from lightning_gan.graphed import GraphedUpdates  # noqa: E402
+from lightning_gan.graphed import GraphedUpdates, graph_constants  # noqa: E402
 
 
 class StepTimer(Callback):
@@ -86,14 +90,41 @@ def load(config: Path, data_dir: Path, *overrides: str):
 
 
 def lightning_steps_per_s(
-    config: Path, data_dir: Path, steps: int, warmup: int, device: str, *overrides: str, loop_only: bool = False
+    config: Path,
+    data_dir: Path,
+    steps: int,
+    warmup: int,
+    device: str,
+    *overrides: str,
+    loop_only: bool = False,
+    log_every_n_steps: int = 50,
 ) -> float:
     cli = load(config, data_dir, *overrides)
     timer = StepTimer(warmup)
-    trainer = bench_trainer(device, [timer], max_steps=steps + warmup)
+    trainer = bench_trainer(device, [timer], max_steps=steps + warmup, log_every_n_steps=log_every_n_steps)
     with update_left_out(cli.model) if loop_only else contextlib.nullcontext():
         trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps_per_s
+
+
+def replay_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str, *overrides: str) -> float:
+    """Fit the fast path until its update is captured, then time the graph's replays alone (CUDA only)."""
+    cli = load(config, data_dir, *overrides)
+    trainer = bench_trainer(device, [], max_steps=warmup)
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    gan = cli.model
+    if gan._graphs is None or gan._graphs.captures == 0:
+        raise RuntimeError(f"the fast path captured no graph in {warmup} warm-up steps")
+    real = cli.datamodule.splits.train.images[: cli.datamodule.batch_size].to(device)
+    constants = graph_constants([gan._optimizer(0), gan._optimizer(1)])
+    for _ in range(warmup):
+        gan._graphs(real, True, constants)
+    sync(gan.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        gan._graphs(real, True, constants)
+    sync(gan.device)
+    return steps / (time.perf_counter() - start)
 
 
 def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str) -> float:
@@ -169,7 +200,16 @@ def main() -> None:
         data_dir = write_fake_mnist(Path(tempfile.mkdtemp()))
         print(f"MNIST not found under {args.data_dir}: using synthetic data in the IDX format ({data_dir})")
     resident, fast, loop = "lightning-gan, device-resident data", "lightning-gan fast path", "lightning-gan loop only"
-    runs: dict[str, list[float]] = {"plain (same math)": [], "lightning-gan": [], resident: [], fast: [], loop: []}
+    fast_500, replay = "lightning-gan fast path, metrics every 500 steps", "captured update alone"
+    runs: dict[str, list[float]] = {
+        "plain (same math)": [],
+        "lightning-gan": [],
+        resident: [],
+        fast: [],
+        fast_500: [],
+        loop: [],
+        **({replay: []} if args.device == "cuda" else {}),
+    }
     for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit every variant alike
         torch.manual_seed(0)
         runs["plain (same math)"].append(plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
@@ -184,13 +224,22 @@ def main() -> None:
             lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
         )
         measure = (args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
+        torch.manual_seed(0)
+        runs[fast_500].append(lightning_steps_per_s(*measure, log_every_n_steps=500))
         runs[loop].append(lightning_steps_per_s(*measure, loop_only=True))
+        if replay in runs:
+            try:
+                runs[replay].append(replay_steps_per_s(*measure))
+            except Exception as err:  # a diagnostic row: report it, keep the table
+                print(f"{replay}: not measured ({type(err).__name__}: {err})")
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.config.name} on {device_name}: {args.steps} timed steps after {args.warmup}, {args.repeats} runs")
     print("| variant | steps/s (median) | runs |")
     print("|---|---|---|")
     for name, values in runs.items():
+        if not values:
+            continue
         print(f"| {name} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
     plain = statistics.median(runs["plain (same math)"])
     for name, target in (("lightning-gan", " (target >= 0.9x)"), (fast, "")):
