@@ -13,10 +13,14 @@ exponential average over about ``1 / (1 - decay)`` generator updates.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_gan.module import GAN
 
 PREFIX = "generator_ema."
 
@@ -83,3 +87,52 @@ def reconcile_checkpoint(state_dict: dict[str, Any], averaging: bool) -> str | N
             del state_dict[key]
         return "the checkpoint's generator average is left out, as this model has `ema_decay: null`"
     return None
+
+
+class GeneratorAveraging:
+    """The weight average of :class:`~lightning_gan.GAN` (``ema_decay``), as a mixin: the copy, its updates (eagerly
+    or inside the CUDA graph), the generator that samples are drawn from, and checkpoints with or without it."""
+
+    generator: nn.Module
+    generator_ema: nn.Module | None
+    ema_decay: float | None
+    _ema_weight: Tensor
+
+    def _init_average(self: GAN, ema_decay: float | None) -> None:
+        check_decay(ema_decay)
+        self.ema_decay = ema_decay
+        self.generator_ema = frozen_copy(self.generator) if ema_decay is not None else None
+        if ema_decay is not None:
+            # The average's step, on the module's device: the CUDA graph reads it at each replay. Every rank fills it
+            # alike, so DDP need not broadcast it before each forward pass, as it does module buffers.
+            self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
+            self._ddp_params_and_buffers_to_ignore = ["_ema_weight"]
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator that :meth:`~lightning_gan.GAN.sample`, the figure callbacks and the Parzen evaluation draw
+        from: the weight average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def _set_average_weight(self, update: int) -> None:
+        """Set how far :meth:`_average_generator` moves the average, for the schedule's ``update``-th generator step
+        (updates left out by ``nonfinite="skip"`` included)."""
+        if self.ema_decay is not None:
+            self._ema_weight.fill_(average_weight(self.ema_decay, update))
+
+    def _average_generator(self) -> None:
+        """Move the average towards the generator by the weight set last (device work only)."""
+        if self.generator_ema is not None:
+            update_average(self.generator_ema, self.generator, self._ema_weight)
+
+    def _check_average_precision(self) -> None:
+        """When fitting starts, after the precision plugin converted the weights."""
+        if self.generator_ema is not None and self.ema_decay is not None:
+            check_precision(self.generator_ema, self.ema_decay)
+
+    def _fit_average_to(self, checkpoint: dict[str, Any]) -> None:
+        """Make a checkpoint written with or without an average load into this model, saying what was done."""
+        if isinstance(checkpoint.get("state_dict"), dict):
+            done = reconcile_checkpoint(checkpoint["state_dict"], averaging=self.generator_ema is not None)
+            if done:
+                rank_zero_info(f"GAN: {done}.")

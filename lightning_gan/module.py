@@ -23,14 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gan.averaging import (
-    average_weight,
-    check_decay,
-    check_precision,
-    frozen_copy,
-    reconcile_checkpoint,
-    update_average,
-)
+from lightning_gan.averaging import GeneratorAveraging
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.resume import rng_state, set_rng_state
@@ -50,7 +43,7 @@ def _do_nothing() -> None:
     return None
 
 
-class GAN(CudaGraphTraining, LightningModule):
+class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     """Generative adversarial nets trained by the paper's Algorithm 1, or by the authors' simultaneous update.
 
     Args:
@@ -135,7 +128,6 @@ class GAN(CudaGraphTraining, LightningModule):
                 f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
                 "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
             )
-        check_decay(ema_decay)
         if cuda_graph and nonfinite == "skip":
             raise ValueError(
                 "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
@@ -163,13 +155,7 @@ class GAN(CudaGraphTraining, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
-        self.ema_decay = ema_decay
-        self.generator_ema = frozen_copy(generator) if ema_decay is not None else None
-        if ema_decay is not None:
-            # The average's step, on the module's device: the CUDA graph reads it at each replay. Every rank fills it
-            # alike, so DDP need not broadcast it before each forward pass, as it does module buffers.
-            self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
-            self._ddp_params_and_buffers_to_ignore = ["_ema_weight"]
+        self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
     # ------------------------------------------------------------------ losses (override to change the game)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -266,8 +252,7 @@ class GAN(CudaGraphTraining, LightningModule):
         return self._trainer is None or isinstance(self._trainer.strategy, SingleDeviceStrategy)
 
     def on_fit_start(self) -> None:
-        if self.generator_ema is not None:
-            check_precision(self.generator_ema, self.ema_decay)  # after the precision plugin converted the weights
+        self._check_average_precision()
 
     def on_train_start(self) -> None:
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
@@ -304,22 +289,6 @@ class GAN(CudaGraphTraining, LightningModule):
             self._average_generator()
         for decay in decays:
             decay.step()
-
-    def _set_average_weight(self, update: int) -> None:
-        """Set how far :meth:`_average_generator` moves the average, for the schedule's ``update``-th generator step
-        (updates left out by ``nonfinite="skip"`` included)."""
-        if self.ema_decay is not None:
-            self._ema_weight.fill_(average_weight(self.ema_decay, update))
-
-    def _average_generator(self) -> None:
-        if self.generator_ema is not None:
-            update_average(self.generator_ema, self.generator, self._ema_weight)
-
-    @property
-    def sampling_generator(self) -> nn.Module:
-        """The generator that :meth:`sample`, the figure callbacks and the Parzen evaluation draw from: the weight
-        average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
-        return self.generator_ema if self.generator_ema is not None else self.generator
 
     @staticmethod
     def _constrain(network: nn.Module) -> None:
@@ -488,10 +457,7 @@ class GAN(CudaGraphTraining, LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""
-        if isinstance(checkpoint.get("state_dict"), dict):
-            done = reconcile_checkpoint(checkpoint["state_dict"], averaging=self.generator_ema is not None)
-            if done:
-                rank_zero_info(f"GAN: {done}.")
+        self._fit_average_to(checkpoint)
         check_architecture(self, checkpoint)
         if self._graphs is not None:
             self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
