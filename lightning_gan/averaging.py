@@ -114,20 +114,19 @@ class GeneratorAveraging:
         from: the weight average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
         return self.generator_ema if self.generator_ema is not None else self.generator
 
+    # The two below are called only when the average is kept (``generator_ema`` is not None), from the training step.
     def _set_average_weight(self, update: int) -> None:
         """Set how far :meth:`_average_generator` moves the average, for the schedule's ``update``-th generator step
         (updates left out by ``nonfinite="skip"`` included)."""
-        if self.ema_decay is not None:
-            self._ema_weight.fill_(average_weight(self.ema_decay, update))
+        self._ema_weight.fill_(average_weight(self.ema_decay, update))
 
     def _average_generator(self) -> None:
         """Move the average towards the generator by the weight set last (device work only)."""
-        if self.generator_ema is not None:
-            update_average(self.generator_ema, self.generator, self._ema_weight)
+        update_average(self.generator_ema, self.generator, self._ema_weight)
 
     def _check_average_precision(self) -> None:
         """When fitting starts, after the precision plugin converted the weights."""
-        if self.generator_ema is not None and self.ema_decay is not None:
+        if self.generator_ema is not None:
             check_precision(self.generator_ema, self.ema_decay)
 
     def _fit_average_to(self, checkpoint: dict[str, Any]) -> None:

@@ -243,7 +243,7 @@ class CudaGraphTraining:
         d_opt, _ = self.optimizers()
         step = self.global_step
         generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
-        if generator_step:
+        if generator_step and self.generator_ema is not None:
             self._set_average_weight((step + 1) // self.k)
         stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
         if generator_step:
@@ -275,5 +275,5 @@ class CudaGraphTraining:
         """The optimizer's own step (not Lightning's, whose hooks count steps on the host), then the constraints."""
         optimizer.optimizer.step()
         self._constrain(network)
-        if network is self.generator:
+        if network is self.generator and self.generator_ema is not None:
             self._average_generator()  # by the weight set before the replay

@@ -241,9 +241,10 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
                 "datamodule has no `pixel_mean()`; the bias stays at its initial value."
             )
             return
-        self.generator.init_output_bias(pixel_mean())
+        marginals = pixel_mean()
+        self.generator.init_output_bias(marginals)
         if self.generator_ema is not None:
-            self.generator_ema.init_output_bias(pixel_mean())
+            self.generator_ema.init_output_bias(marginals)
 
     @property
     def _one_pass(self) -> bool:
@@ -284,7 +285,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             finally:
                 optimizer._on_before_step, optimizer._on_after_step = before, after
         self._constrain(network)
-        if network is self.generator:
+        if network is self.generator and self.generator_ema is not None:
             self._set_average_weight(self.generator_updates)
             self._average_generator()
         for decay in decays:
