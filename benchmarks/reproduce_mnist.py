@@ -56,8 +56,9 @@ class ParzenTable(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # a time budget can end training mid-epoch: evaluate the final weights too
         if trainer.global_step != self.evaluated_at_step:
-            # a part epoch: counted in epochs of training batches
-            self.evaluate(trainer, pl_module, round(trainer.global_step / trainer.num_training_batches, 2))
+            # a part epoch: counted in epochs of training steps (a batch holds `steps_per_batch` of them)
+            steps_per_epoch = trainer.num_training_batches * getattr(trainer.datamodule, "steps_per_batch", 1)
+            self.evaluate(trainer, pl_module, round(trainer.global_step / steps_per_epoch, 2))
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, epoch: float) -> None:

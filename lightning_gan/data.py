@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,27 +33,36 @@ _LOADERS = {"mnist": load_mnist, "tfd": load_tfd, "cifar10": load_cifar10}
 class InMemoryTensors(TensorDataset):
     """A ``TensorDataset`` that fetches a whole batch with one indexing op per tensor (the DataLoader's
     ``__getitems__`` protocol), on the tensors' own device: no per-example collation, and data kept on the GPU
-    needs no host-to-device copy (only the batch's indices travel)."""
+    needs no host-to-device copy (only the batch's indices travel).
 
-    def __getitems__(self, indices: list[int] | Tensor) -> list[Tensor]:
+    Indices ``(B,)`` give tensors ``(B, ...)``; a stack of batches' indices ``(S, B)`` (a list of lists, or a tensor)
+    gives tensors ``(S, B, ...)``."""
+
+    def __getitems__(self, indices: list[int] | list[list[int]] | Tensor) -> list[Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long).to(self.tensors[0].device, non_blocking=True)
-        return [t.index_select(0, index) for t in self.tensors]
+        if index.dim() == 1:
+            return [t.index_select(0, index) for t in self.tensors]
+        return [t.index_select(0, index.flatten()).view(*index.shape, *t.shape[1:]) for t in self.tensors]
 
 
 class _IndicesOnDevice:
-    """A batch sampler's batches as index tensors on ``device``: each pass's indices are copied there at once (one
-    copy per epoch instead of one per batch, which on a GPU would also wait for the queued work to finish)."""
+    """A batch sampler's batches (or stacks of batches) as index tensors on ``device``: each pass's indices are
+    copied there at once (one copy per epoch instead of one per batch, which on a GPU would also wait for the queued
+    work to finish)."""
 
-    def __init__(self, batch_sampler: Iterable[list[int]], device: torch.device) -> None:
+    def __init__(self, batch_sampler: Iterable[list[int] | list[list[int]]], device: torch.device) -> None:
         self.batch_sampler, self.device = batch_sampler, device
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Tensor]:
-        batches = list(self.batch_sampler)
-        flat = torch.tensor([i for batch in batches for i in batch], dtype=torch.long).to(self.device)
-        yield from flat.split([len(batch) for batch in batches])
+        batches = [torch.as_tensor(batch, dtype=torch.long) for batch in self.batch_sampler]
+        if not batches:
+            return
+        flat = torch.cat([batch.flatten() for batch in batches]).to(self.device)
+        for batch, indices in zip(batches, flat.split([batch.numel() for batch in batches]), strict=True):
+            yield indices.view(batch.shape)
 
 
 class _DeviceIndexLoader(ResumableDataLoader):
@@ -68,7 +79,8 @@ def _whole_batch(batch: list[Tensor]) -> list[Tensor]:
 
 
 class GANDataModule(LightningDataModule):
-    """MNIST, TFD or CIFAR-10 with the paper's splits; batches are ``(images (B, C, H, W), labels (B,))``.
+    """MNIST, TFD or CIFAR-10 with the paper's splits; batches are ``(images (B, C, H, W), labels (B,))``, or stacks
+    of them ``(images (S, B, C, H, W), labels (S, B))`` in training with ``steps_per_batch=S``.
 
     Args:
         dataset: ``"mnist"`` (train[0:50000] / train[50000:60000] / official test, ``(1, 28, 28)``),
@@ -86,9 +98,15 @@ class GANDataModule(LightningDataModule):
         tfd_image_size: 48 or 96 (reads ``TFD_48x48.mat`` or ``TFD_96x96.mat``).
         device_resident: keep every split on the training device (e.g. the GPU) from ``setup`` on: batches are
             gathered there, with no host-to-device copy per step. Needs ``num_workers=0``.
+        steps_per_batch: training batches stacked into one ``(steps_per_batch, batch_size, C, H, W)`` batch, which
+            :class:`~lightning_gan.GAN` trains on as that many steps of ``batch_size`` examples, in order: the same
+            training, with Lightning's per-batch cost (a large part of a step at GPU speed) paid once per stack. The
+            batches left over at the end of an epoch (fewer than a stack) are left out: choose a divisor of the
+            batches per epoch (MNIST: 500 at batch size 100). Validation and test batches are not stacked.
 
     Raises:
-        ValueError: for an unknown dataset or preprocessing, a non-positive batch size, or bad TFD arguments.
+        ValueError: for an unknown dataset or preprocessing, a non-positive batch size or ``steps_per_batch``, or bad
+            TFD arguments.
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class GANDataModule(LightningDataModule):
         tfd_train_set: TFDTrainSet = "unlabeled",
         tfd_image_size: Literal[48, 96] = 48,
         device_resident: bool = False,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
         if dataset not in _LOADERS:
@@ -111,6 +130,8 @@ class GANDataModule(LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
+        if steps_per_batch < 1:
+            raise ValueError(f"Expected `steps_per_batch` >= 1, but got {steps_per_batch}.")
         if num_workers < 0:
             raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}.")
         if preprocessing not in ("scale", "gcn"):
@@ -138,6 +159,7 @@ class GANDataModule(LightningDataModule):
         self.preprocessing = preprocessing
         self.fold, self.tfd_train_set, self.tfd_image_size = fold, tfd_train_set, tfd_image_size
         self.device_resident = device_resident
+        self.steps_per_batch = steps_per_batch
         self.splits: Splits | None = None
 
     def prepare_data(self) -> None:
@@ -190,7 +212,7 @@ class GANDataModule(LightningDataModule):
             return (images / peak + 1) / 2
         return images.clamp(0, 1)
 
-    def _dataloader(self, split: str) -> DataLoader:
+    def _dataloader(self, split: str, stack_batches: int = 1) -> DataLoader:
         data = self._split(split)
         # resumable mid-epoch (exact order after a checkpoint), and draws nothing from the global random generators
         loader = _DeviceIndexLoader if self.device_resident else ResumableDataLoader
@@ -202,10 +224,25 @@ class GANDataModule(LightningDataModule):
             drop_last=split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            stack_batches=stack_batches,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train")
+        loader = self._dataloader("train", self.steps_per_batch)
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        batches = -(-len(self._split("train").images) // ranks) // self.batch_size  # per rank, as DDP shards it
+        if batches % self.steps_per_batch:
+            rank_zero_warn(
+                f"`steps_per_batch={self.steps_per_batch}` does not divide the {batches} training batches of an epoch: "
+                f"the last {batches % self.steps_per_batch} are left out of every epoch. Choose a divisor of {batches}."
+            )
+        steps = len(loader) * self.steps_per_batch
+        if self.steps_per_batch > 1 and self.trainer is not None and steps >= self.trainer.log_every_n_steps:
+            # Lightning compares `log_every_n_steps` with an epoch's batches, which are stacks here (its steps count)
+            warnings.filterwarnings(
+                "ignore", r"The number of training batches \(\d+\) is smaller than the logging interval"
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")

@@ -238,7 +238,7 @@ class CudaGraphTraining:
         d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
 
-    def _graphed_training_step(self: GAN, real: Tensor) -> None:
+    def _graphed_training_step(self: GAN, real: Tensor, log: bool) -> None:
         assert self._graphs is not None
         d_opt, _ = self.optimizers()
         step = self.global_step
@@ -254,7 +254,7 @@ class CudaGraphTraining:
         # The decays write the next learning rates into the device tensors that the graph reads.
         for decay in self._d_decay + (self._g_decay if generator_step else []):
             decay.step()
-        if self.trainer._logger_connector.should_update_logs:
+        if log:
             # copies: the next replay overwrites the graph's outputs
             g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()
             stats = stats.clone()

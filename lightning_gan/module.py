@@ -1,9 +1,11 @@
 """The adversarial training procedure of Goodfellow et al. (2014) as a manual-optimization LightningModule.
 
 Step counting: ``trainer.global_step`` (and so ``max_steps``, ``log_every_n_steps``, checkpointing every n steps)
-counts *training batches*, which is the number of discriminator updates. Lightning would count every optimizer
+counts *training steps*, which is the number of discriminator updates. Lightning would count every optimizer
 step; generator steps are left out of the count so that the number means the same for every ``k`` and schedule.
-Generator updates so far: :attr:`GAN.generator_updates`.
+Generator updates so far: :attr:`GAN.generator_updates`. A training batch is one step, or, stacked as
+``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``), S steps: then counts Lightning keeps per batch
+(``val_check_interval``, ``limit_train_batches``, the progress bar) count stacks.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
+        self._checked_stack = 1  # the latest number of stacked steps per batch whose step counts were checked
         self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
     # ------------------------------------------------------------------ losses (override to change the game)
@@ -340,10 +343,47 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         return self.generator_loss_fn(fake_logits)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        real = self._real_images(batch)
-        if self._graphs is not None:
-            self._graphed_training_step(real)
-            return
+        """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
+        them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
+        steps = self._steps_in(self._real_images(batch))
+        log = self.trainer._logger_connector.should_update_logs  # for the batch's last step
+        step = self._graphed_training_step if self._graphs is not None else self._eager_training_step
+        for index, real in enumerate(steps):
+            step(real, log and index == len(steps) - 1)
+
+    def _steps_in(self, real: Tensor) -> Sequence[Tensor]:
+        """The batch's steps: the batch itself, or the minibatches of a stack, as many as ``max_steps`` leaves."""
+        if real.dim() != 5:
+            return (real,)
+        trainer, steps = self.trainer, real.unbind(0)
+        if len(steps) != self._checked_stack:
+            self._check_stack(len(steps))
+        if trainer.max_steps >= 0:
+            steps = steps[: max(trainer.max_steps - self.global_step, 1)]
+        # Lightning counts batches for the loggers' x-axis and for `log_every_n_steps`; make them count steps, as
+        # unstacked training does (Lightning adds the batch's last one after it).
+        trainer.fit_loop.epoch_loop._batches_that_stepped += len(steps) - 1
+        return steps
+
+    def _check_stack(self, size: int) -> None:
+        """Refuse step counts that Lightning tests after each batch (``global_step % n == 0``) and that a stack of
+        ``size`` steps per batch would skip over."""
+        trainer = self.trainer
+        counts = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
+        for callback in trainer.callbacks:  # ModelCheckpoint's and StopCheckpoint's
+            for attribute in ("_every_n_train_steps", "sync_every_n_steps"):
+                if getattr(callback, attribute, None):
+                    counts[f"{type(callback).__name__}.{attribute.lstrip('_')}"] = getattr(callback, attribute)
+        misfits = [f"{name}={count}" for name, count in counts.items() if count % size]
+        if misfits:
+            raise ValueError(
+                f"Batches of {size} stacked steps (`steps_per_batch`) advance `global_step` {size} at a time, so step "
+                f"counts checked after a batch must be multiples of {size}, but {', '.join(misfits)}: change them or "
+                "`steps_per_batch`."
+            )
+        self._checked_stack = size
+
+    def _eager_training_step(self, real: Tensor, log: bool) -> None:
         d_opt, g_opt = self.optimizers()
         n, step = real.shape[0], self.global_step
         if self.schedule == "simultaneous":
@@ -376,7 +416,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
                     self._skip_update(g_opt, counted=False)
         if g_loss is not None:
             self._last_g_loss = g_loss.detach()
-        if self.trainer._logger_connector.should_update_logs:
+        if log:
             d_real, d_fake = self._mean_outputs(real_logits.detach(), fake_logits.detach())
             self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 

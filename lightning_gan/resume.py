@@ -111,6 +111,25 @@ class _ResumedBatches:
         return iterator
 
 
+class _StackedBatches:
+    """A batch sampler's batches, ``size`` at a time, as one list of ``size`` batches; the batches left over at the end
+    of a pass (fewer than ``size``) are dropped."""
+
+    def __init__(self, batch_sampler: Any, size: int) -> None:
+        self.batch_sampler, self.size = batch_sampler, size
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) // self.size
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        stack: list[list[int]] = []
+        for batch in self.batch_sampler:
+            stack.append(batch)
+            if len(stack) == self.size:
+                yield stack
+                stack = []
+
+
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` whose place in the epoch survives a checkpoint: Lightning saves :meth:`state_dict` (epoch,
     batches consumed, shuffling seed) with the loop state and calls :meth:`load_state_dict` on resume, so that a run
@@ -126,6 +145,9 @@ class ResumableDataLoader(DataLoader):
         dataset, batch_size, sampler, generator, **kwargs: as for ``DataLoader``.
         shuffle: shuffle each epoch with :class:`EpochRandomSampler`.
         seed: that sampler's base seed (``None``: ``torch.initial_seed()`` at the first batch, see there).
+        stack_batches: hand out this many batches at a time: the dataset's ``__getitems__`` receives their indices
+            as a list of ``stack_batches`` lists (as :class:`~lightning_gan.data.InMemoryTensors` stacks them); the
+            batches left over at the end of a pass are dropped. Needs ``batch_size`` and ``drop_last=True``.
     """
 
     def __init__(
@@ -137,10 +159,19 @@ class ResumableDataLoader(DataLoader):
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        stack_batches: int = 1,
         **kwargs: Any,
     ) -> None:
         if shuffle and sampler is not None:
             raise ValueError("ResumableDataLoader: `sampler` and `shuffle=True` exclude each other; pass one of them.")
+        if stack_batches < 1:
+            raise ValueError(f"ResumableDataLoader: expected `stack_batches` >= 1, but got {stack_batches}.")
+        if stack_batches > 1 and not (batch_size and kwargs.get("drop_last")):
+            raise ValueError(
+                "ResumableDataLoader: `stack_batches` > 1 stacks batches of one size: pass `batch_size` and "
+                "`drop_last=True`."
+            )
+        self.stack_batches = stack_batches
         if shuffle:
             sampler = EpochRandomSampler(dataset, seed)
         self._owns_generator = generator is None
@@ -154,7 +185,10 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> Any:  # type: ignore[override]
-        return _ResumedBatches(self, super()._index_sampler)
+        batches = super()._index_sampler
+        if self.stack_batches > 1:
+            batches = _StackedBatches(batches, self.stack_batches)
+        return _ResumedBatches(self, batches)
 
     def _sampler_epoch(self) -> int | None:
         epoch = getattr(self.sampler, "epoch", None)
@@ -185,19 +219,36 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The place in the epoch: ``epoch``, ``batches`` consumed in it, and the shuffling ``seed``."""
+        """The place in the epoch: ``epoch``, ``batches`` consumed in it (stacks of ``stack_batches``), and the
+        shuffling ``seed``."""
         if self._pending is not None:
             epoch, batches = self._pending
         else:
             epoch = self._epoch if self._epoch is not None else self._sampler_epoch()
             batches = self._consumed
-        return {"epoch": epoch, "batches": batches, "seed": getattr(self.sampler, "seed", None)}
+        seed = getattr(self.sampler, "seed", None)
+        return {"epoch": epoch, "batches": batches, "seed": seed, "stack_batches": self.stack_batches}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the next pass skips the batches that epoch had consumed."""
+        """Continue from :meth:`state_dict`: the next pass skips the batches that epoch had consumed (also when they
+        were stacked by another ``stack_batches``, if this one stacks them evenly)."""
         epoch, batches = state_dict.get("epoch"), int(state_dict.get("batches", 0))
         if state_dict.get("seed") is not None and hasattr(self.sampler, "seed"):
             self.sampler.seed = state_dict["seed"]
+        saved_stack = int(state_dict.get("stack_batches", 1))
+        if saved_stack != self.stack_batches and epoch is not None:
+            single = len(super()._index_sampler)  # single batches in a pass
+            if batches >= single // saved_stack:
+                batches = len(self)  # that epoch was finished
+            elif batches * saved_stack % self.stack_batches:
+                raise ValueError(
+                    f"The checkpoint stopped {batches * saved_stack} batches into epoch {epoch}, which is no whole "
+                    f"number of stacks of {self.stack_batches}: resume with {saved_stack} batches per stack (the "
+                    "datamodule's `steps_per_batch`, as saved) or a divisor of it, or from a checkpoint at the end of "
+                    "an epoch."
+                )
+            else:
+                batches = batches * saved_stack // self.stack_batches
         if epoch is not None and batches >= len(self):  # that epoch was finished
             epoch, batches = epoch + 1, 0
         if epoch is not None:

@@ -36,13 +36,20 @@ def tiny_gan(schedule: str, k: int) -> GAN:
     return GAN(*tiny_nets(), schedule=schedule, k=k, ema_decay=0.9)  # the average stays identical too
 
 
-@pytest.mark.parametrize(("schedule", "k"), [("alternating", 2), ("simultaneous", 1)])
-def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int) -> None:
+@pytest.mark.parametrize(("schedule", "k", "stack"), [("alternating", 2, 1), ("simultaneous", 1, 2)])
+def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, stack: int) -> None:
     data = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     trainer = quiet_trainer(
-        devices=2, strategy="ddp_spawn", max_epochs=1, enable_checkpointing=False, callbacks=[SaveRankState(tmp_path)]
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        enable_checkpointing=False,
+        log_every_n_steps=2,
+        callbacks=[SaveRankState(tmp_path)],
     )
-    trainer.fit(tiny_gan(schedule, k), DataLoader(TensorDataset(data), batch_size=4))
+    # batches of 4, or stacks of `stack` such batches (each a training step)
+    batches = data.view(-1, stack, 4, 1, 2, 2).squeeze(1)
+    trainer.fit(tiny_gan(schedule, k), DataLoader(TensorDataset(batches), batch_size=None))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] == 8  # 64 examples / 2 ranks / batch 4
     assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank draws its own noise

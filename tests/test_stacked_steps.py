@@ -1,0 +1,223 @@
+"""Stacked steps (``GANDataModule(steps_per_batch=S)``): S minibatches per Lightning batch train exactly as S batches
+would (weights, step counts, logged metrics and their x-axis, max_steps, resume), and step counts that a stack would
+skip over are refused."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import quiet_trainer, tiny_nets
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gan import GAN, GANDataModule
+from lightning_gan.cli import build_cli
+from lightning_gan.data import InMemoryTensors, _whole_batch
+from lightning_gan.resume import ResumableDataLoader
+
+BATCHES, BATCH = 6, 4  # per epoch
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def data() -> torch.Tensor:
+    return torch.rand(BATCHES * BATCH, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+
+def loader(stack: int) -> DataLoader:
+    """The same batches in the same order (resumable mid-epoch): one at a time, or ``stack`` at a time as
+    ``(stack, B, C, H, W)``."""
+    return ResumableDataLoader(
+        InMemoryTensors(data()), batch_size=BATCH, drop_last=True, collate_fn=_whole_batch, stack_batches=stack
+    )
+
+
+def make_gan(**kwargs: Any) -> GAN:
+    seed_everything(0, verbose=False)
+    return GAN(*tiny_nets(), **{"lr_decay": 1.01, "ema_decay": 0.9, **kwargs})
+
+
+def fit(gan: GAN, stack: int, root: Path, ckpt_path: Path | None = None, **kwargs: Any) -> Trainer:
+    seed_everything(0, verbose=False)
+    options = {"max_epochs": 2, "log_every_n_steps": 3, "enable_checkpointing": False, **kwargs}
+    trainer = quiet_trainer(default_root_dir=root, logger=CSVLogger(root, name="", version=""), **options)
+    trainer.fit(gan, loader(stack), ckpt_path=ckpt_path)
+    return trainer
+
+
+def logged(root: Path) -> list[tuple[int, str]]:
+    """(step, d_loss) of every logged training step, as the logger wrote them."""
+    with (root / "metrics.csv").open() as file:
+        return [(int(row["step"]), row["train/d_loss"]) for row in csv.DictReader(file) if row["train/d_loss"]]
+
+
+@pytest.mark.parametrize(
+    ("options", "stack"),
+    [
+        ({"schedule": "alternating", "k": 2}, 3),
+        ({"schedule": "simultaneous"}, 3),
+        ({"schedule": "alternating", "k": 2, "cuda_graph": True}, 3),
+    ],
+    ids=["alternating", "simultaneous", "fast-path"],
+)
+def test_a_stack_trains_as_its_batches_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], stack: int
+) -> None:
+    # the fast path's bookkeeping on the CPU, with its update made eagerly (no capture off CUDA)
+    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
+    single, stacked = make_gan(**options), make_gan(**options)
+    single_trainer = fit(single, 1, tmp_path / "single")
+    stacked_trainer = fit(stacked, stack, tmp_path / "stacked")
+    assert stacked_trainer.global_step == single_trainer.global_step == 2 * BATCHES
+    assert stacked.generator_updates == single.generator_updates == 2 * BATCHES // options.get("k", 1)
+    assert (stacked._graphs is not None) == options.get("cuda_graph", False)
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    # the same steps logged, with the same values, at the same x-axis positions
+    assert logged(tmp_path / "stacked") == logged(tmp_path / "single")
+    assert [step for step, _ in logged(tmp_path / "single")] == [2, 5, 8, 11]
+
+
+def test_max_steps_stops_inside_a_stack(tmp_path: Path) -> None:
+    single, stacked = make_gan(), make_gan()
+    fit(single, 1, tmp_path / "single", max_steps=4)
+    trainer = fit(stacked, 3, tmp_path / "stacked", max_steps=4)
+    assert trainer.global_step == 4
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_run_resumed_between_stacks_is_exact(tmp_path: Path) -> None:
+    straight = make_gan()
+    fit(straight, 3, tmp_path / "straight")
+    first = make_gan()
+    every_stack = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1)
+    fit(first, 3, tmp_path / "first", max_epochs=1, callbacks=[every_stack], enable_checkpointing=True)
+    mid_epoch = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"  # the first of the epoch's two stacks
+    assert mid_epoch.is_file()
+    resumed = make_gan()
+    trainer = fit(resumed, 3, tmp_path / "resumed", ckpt_path=mid_epoch)
+    assert trainer.global_step == 2 * BATCHES
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"log_every_n_steps": 2}, "trainer.log_every_n_steps=2"),
+        ({"callbacks": [ModelCheckpoint(every_n_train_steps=4)]}, "ModelCheckpoint.every_n_train_steps=4"),
+    ],
+)
+def test_step_counts_that_a_stack_skips_over_are_refused(tmp_path: Path, kwargs: dict[str, Any], named: str) -> None:
+    gan = make_gan()
+    with pytest.raises(ValueError, match=f"multiples of 3, but {named}"):
+        fit(gan, 3, tmp_path, **{"enable_checkpointing": "callbacks" in kwargs, **kwargs})
+    assert gan.global_step == 0
+
+
+def test_the_fast_mnist_config_trains_the_same_stacked_on_real_mnist(
+    real_mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)  # the fast path's bookkeeping, on the CPU
+
+    def weights(steps_per_batch: int) -> dict[str, torch.Tensor]:
+        cli = build_cli(
+            [
+                "fit", "--config", str(CONFIGS / "mnist_fast.yaml"), f"--data.init_args.data_dir={real_mnist_root}",
+                f"--data.init_args.steps_per_batch={steps_per_batch}", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=30",
+                "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.enable_checkpointing=false",
+            ]
+        )  # fmt: skip
+        assert cli.trainer.global_step == 30
+        return cli.model.state_dict()
+
+    stacked, single = weights(10), weights(1)
+    for name, tensor in single.items():
+        torch.testing.assert_close(stacked[name], tensor, rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_the_datamodule_stacks_its_training_batches_in_order(mnist_root: Path, device_resident: bool) -> None:
+    def datamodule(steps_per_batch: int) -> GANDataModule:
+        dm = GANDataModule(
+            data_dir=mnist_root,
+            download=False,
+            batch_size=100,
+            device_resident=device_resident,
+            steps_per_batch=steps_per_batch,
+        )
+        dm.trainer = quiet_trainer()  # device-resident splits go to the trainer's device
+        dm.setup("fit")
+        return dm
+
+    stacked, single = datamodule(5), datamodule(1)
+    batches = [images for images, _ in single.train_dataloader()]
+    stacks = list(stacked.train_dataloader())
+    assert len(stacked.train_dataloader()) == len(stacks) == 100
+    images, labels = stacks[0]
+    assert images.shape == (5, 100, 1, 28, 28) and labels.shape == (5, 100)
+    assert all(torch.equal(stack[0], torch.stack(batches[5 * i : 5 * i + 5])) for i, stack in enumerate(stacks))
+    assert next(iter(stacked.val_dataloader()))[0].shape == (100, 1, 28, 28)  # evaluation is not stacked
+
+
+def test_a_stack_size_that_leaves_batches_out_is_said(mnist_root: Path) -> None:
+    dm = GANDataModule(data_dir=mnist_root, download=False, batch_size=100, steps_per_batch=7)
+    with pytest.warns(UserWarning, match="the last 3 are left out of every epoch"):
+        assert len(dm.train_dataloader()) == 71  # 500 batches: 71 stacks of 7, 3 left over
+    with pytest.raises(ValueError, match="steps_per_batch"):
+        GANDataModule(steps_per_batch=0)
+
+
+def test_the_loader_position_carries_over_to_another_stack_size() -> None:
+    dataset = TensorDataset(torch.arange(24.0))
+
+    def make(stack: int) -> ResumableDataLoader:
+        return ResumableDataLoader(dataset, batch_size=2, shuffle=True, drop_last=True, seed=3, stack_batches=stack)
+
+    order = [batch[0] for batch in make(1)]  # 12 batches of 2
+    single = make(1)
+    single.load_state_dict({"epoch": 0, "batches": 6, "seed": 3})
+    moved = make(3)
+    moved.load_state_dict(single.state_dict())  # 6 batches = 2 stacks of 3
+    rest = [stack[0] for stack in moved]
+    assert len(rest) == 2 and all(torch.equal(s, torch.stack(order[6 + 3 * i : 9 + 3 * i])) for i, s in enumerate(rest))
+    odd = make(4)
+    with pytest.raises(ValueError, match="no whole number of stacks of 4"):
+        odd.load_state_dict({"epoch": 0, "batches": 6, "seed": 3, "stack_batches": 1})
+    with pytest.raises(ValueError, match="drop_last"):
+        ResumableDataLoader(dataset, batch_size=2, stack_batches=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_stacks_replay_the_captured_update_without_waiting(tmp_path: Path) -> None:
+    from test_graphed import NoHostSync  # the fast path's own check that no batch waits for the device
+
+    def fit_on_gpu(gan: GAN, stack: int, callbacks: list[Any]) -> Trainer:
+        images = data().cuda().view(-1, stack, BATCH, 1, 2, 2).squeeze(1)  # batches on the GPU, stacked or not
+        seed_everything(0, verbose=False)
+        trainer = quiet_trainer(
+            accelerator="cuda", devices=1, max_epochs=3, log_every_n_steps=1000, callbacks=callbacks
+        )
+        trainer.fit(gan, DataLoader(TensorDataset(images), batch_size=None))
+        return trainer
+
+    options = {"cuda_graph": True, "momentum_final": None, "ema_decay": 0.999}  # no per-epoch recapture
+    single, stacked = make_gan(**options), make_gan(**options)
+    fit_on_gpu(single, 1, [])
+    check = NoHostSync(after=6)  # the first stack warms up, the second is captured at its first step
+    try:
+        trainer = fit_on_gpu(stacked, 3, [check])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 3 * BATCHES and check.checked == 3 * BATCHES // 3 - 2
+    assert stacked._graphs.captures == single._graphs.captures == 1
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
