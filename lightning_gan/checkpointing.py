@@ -114,6 +114,7 @@ class InterruptCheckpoint(Callback):
             raise ValueError(f"Expected `sync_every_n_steps` >= 1, but got {sync_every_n_steps}.")
         self.sync_every_n_steps = sync_every_n_steps
         self._stop_requested = False
+        self._synced_interval = 0  # global_step // sync_every_n_steps when the ranks last agreed (or training began)
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
         self._trainer: Trainer | None = None
@@ -142,6 +143,7 @@ class InterruptCheckpoint(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._ctrl_c_seen = trainer, False
+        self._synced_interval = trainer.global_step // self.sync_every_n_steps
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
@@ -171,7 +173,10 @@ class InterruptCheckpoint(Callback):
         connector = trainer._signal_connector
         if connector.received_sigterm:
             self._stop_requested, connector.received_sigterm = True, False
-        if trainer.global_step % self.sync_every_n_steps == 0:
+        # when a multiple of the interval was reached or passed (a batch may hold several steps): alike on all ranks
+        interval = trainer.global_step // self.sync_every_n_steps
+        if interval != self._synced_interval:
+            self._synced_interval = interval
             flag = torch.tensor(float(self._stop_requested), device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if flag.item() > 0:

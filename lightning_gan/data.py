@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -236,11 +237,13 @@ class GANDataModule(LightningDataModule):
                 f"`steps_per_batch={self.steps_per_batch}` does not divide the {batches} training batches of an epoch: "
                 f"the last {batches % self.steps_per_batch} are left out of every epoch. Choose a divisor of {batches}."
             )
-        steps = len(loader) * self.steps_per_batch
-        if self.steps_per_batch > 1 and self.trainer is not None and steps >= self.trainer.log_every_n_steps:
-            # Lightning compares `log_every_n_steps` with an epoch's batches, which are stacks here (its steps count)
+        interval = self.trainer.log_every_n_steps if self.trainer is not None else 0
+        if self.steps_per_batch > 1 and len(loader) < interval <= len(loader) * self.steps_per_batch:
+            # Lightning compares `log_every_n_steps` with an epoch's batches, which are stacks here: not its steps
             warnings.filterwarnings(
-                "ignore", r"The number of training batches \(\d+\) is smaller than the logging interval"
+                "ignore",
+                re.escape(f"The number of training batches ({len(loader)}) is smaller than the logging interval")
+                + re.escape(f" Trainer(log_every_n_steps={interval})"),
             )
         return loader
 

@@ -23,6 +23,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours
 
 __all__ = ["LatentInterpolation", "SampleGrid", "nearest_training_images", "run_dir"]
@@ -71,17 +72,6 @@ def _rgb(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _generate(net: nn.Module, z: Tensor, device: torch.device) -> Tensor:
-    """``net(z)`` in eval mode (no dropout), on ``device`` in the net's dtype; the net's mode is restored."""
-    was_training = net.training
-    net.eval()
-    try:
-        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), z.dtype)
-        return net(z.to(device=device, dtype=dtype))
-    finally:
-        net.train(was_training)
-
-
 def _sampling_generator(pl_module: LightningModule) -> nn.Module:
     """The generator that figures show: ``GAN.sampling_generator`` (the weight average, if kept), else ``generator``."""
     return getattr(pl_module, "sampling_generator", pl_module.generator)
@@ -227,7 +217,7 @@ class SampleGrid(_GridCallback):
 
     @override
     def make_grid(self, pl_module: LightningModule, datamodule: Any = None) -> Tensor:
-        samples = _generate(
+        samples = eval_forward(
             _sampling_generator(pl_module), self._fixed_noise(pl_module), pl_module.device
         )  # (n, C, H, W)
         if not self.nearest_neighbours:
@@ -278,5 +268,5 @@ class LatentInterpolation(_GridCallback):
         z_a, z_b = self._fixed_noise(pl_module).chunk(2)  # (rows, *noise shape) each
         t = torch.linspace(0, 1, self.num_steps, dtype=z_a.dtype).view(1, -1, *[1] * (z_a.ndim - 1))
         z = ((1 - t) * z_a.unsqueeze(1) + t * z_b.unsqueeze(1)).flatten(0, 1)  # (rows * steps, *noise shape)
-        images = _generate(_sampling_generator(pl_module), z, pl_module.device)
+        images = eval_forward(_sampling_generator(pl_module), z, pl_module.device)
         return make_grid(_rgb(_to_display(datamodule, images)), nrow=self.num_steps, pad_value=1.0)

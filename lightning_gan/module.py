@@ -4,8 +4,10 @@ Step counting: ``trainer.global_step`` (and so ``max_steps``, ``log_every_n_step
 counts *training steps*, which is the number of discriminator updates. Lightning would count every optimizer
 step; generator steps are left out of the count so that the number means the same for every ``k`` and schedule.
 Generator updates so far: :attr:`GAN.generator_updates`. A training batch is one step, or, stacked as
-``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``), S steps: then counts Lightning keeps per batch
-(``val_check_interval``, ``limit_train_batches``, the progress bar) count stacks.
+``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``), S steps: then what Lightning does per batch (callbacks'
+batch hooks, an integer ``val_check_interval``, ``limit_train_batches``, the progress bar) it does per stack, and
+step counts checked after a batch (``max_steps``, ``log_every_n_steps``, checkpointing every n steps) must be
+multiples of S.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -28,6 +30,7 @@ from torch.optim import Optimizer
 from lightning_gan.averaging import GeneratorAveraging
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
+from lightning_gan.nets import eval_forward
 from lightning_gan.resume import rng_state, set_rng_state
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 
@@ -43,6 +46,14 @@ def _paper_sgd(params: Any) -> Optimizer:
 
 def _do_nothing() -> None:
     return None
+
+
+class _StackedSteps(Callback):
+    """Counts a batch that holds a stack of training steps (``GANDataModule(steps_per_batch=S)``) as its steps in
+    Lightning's count of batches, before any other callback's ``on_train_batch_start`` (see ``GAN._count_stack``)."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: GAN, batch: Any, batch_idx: int) -> None:
+        pl_module._count_stack(batch)
 
 
 class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
@@ -230,6 +241,8 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
             # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+        if stage == "fit" and not any(isinstance(callback, _StackedSteps) for callback in trainer.callbacks):
+            trainer.callbacks.insert(0, _StackedSteps())  # first: callbacks that log as a batch starts see its count
         if stage == "fit" and self.cuda_graph:
             self._check_cuda_graph_fits()
         if stage == "fit" and trainer.ckpt_path is None and getattr(self.generator, "output_bias_from_data", False):
@@ -259,6 +272,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._check_average_precision()
 
     def on_train_start(self) -> None:
+        self._checked_stack = 1  # this trainer's step counts are checked at its first stack
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
         self._start_cuda_graphs()
@@ -345,35 +359,43 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
         them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
-        steps = self._steps_in(self._real_images(batch))
+        real = self._real_images(batch)
+        steps = (real,) if real.dim() != 5 else real.unbind(0)  # counted by _StackedSteps before the batch
         log = self.trainer._logger_connector.should_update_logs  # for the batch's last step
         step = self._graphed_training_step if self._graphs is not None else self._eager_training_step
-        for index, real in enumerate(steps):
-            step(real, log and index == len(steps) - 1)
+        for index, minibatch in enumerate(steps):
+            step(minibatch, log and index == len(steps) - 1)
 
-    def _steps_in(self, real: Tensor) -> Sequence[Tensor]:
-        """The batch's steps: the batch itself, or the minibatches of a stack, as many as ``max_steps`` leaves."""
-        if real.dim() != 5:
-            return (real,)
-        trainer, steps = self.trainer, real.unbind(0)
-        if len(steps) != self._checked_stack:
-            self._check_stack(len(steps))
-        if trainer.max_steps >= 0:
-            steps = steps[: max(trainer.max_steps - self.global_step, 1)]
-        # Lightning counts batches for the loggers' x-axis and for `log_every_n_steps`; make them count steps, as
-        # unstacked training does (Lightning adds the batch's last one after it).
-        trainer.fit_loop.epoch_loop._batches_that_stepped += len(steps) - 1
-        return steps
+    def _count_stack(self, batch: Any) -> None:
+        """For a stack of steps: check its size against the run's step counts, and make Lightning's count of
+        batches (the loggers' x-axis and ``log_every_n_steps``) count steps."""
+        real = self._real_images(batch)
+        size = real.shape[0] if real.dim() == 5 else 1
+        if size == 1:
+            return
+        if size != self._checked_stack:
+            self._check_stack(size)
+        if self.global_step % size:
+            raise ValueError(
+                f"A stack of {size} steps starts at global step {self.global_step}, which is no multiple of {size}: "
+                "every stack must hold the same number of steps (`steps_per_batch`), and a run must resume with "
+                "the number it was saved with."
+            )
+        # the batch's steps but its last, which Lightning adds after it
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step + size - 1
 
     def _check_stack(self, size: int) -> None:
         """Refuse step counts that Lightning tests after each batch (``global_step % n == 0``) and that a stack of
-        ``size`` steps per batch would skip over."""
+        ``size`` steps per batch would skip over, and a ``max_steps`` inside a stack."""
         trainer = self.trainer
-        counts = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
-        for callback in trainer.callbacks:  # ModelCheckpoint's and StopCheckpoint's
-            for attribute in ("_every_n_train_steps", "sync_every_n_steps"):
-                if getattr(callback, attribute, None):
-                    counts[f"{type(callback).__name__}.{attribute.lstrip('_')}"] = getattr(callback, attribute)
+        counts = {
+            "trainer.log_every_n_steps": trainer.log_every_n_steps,
+            "trainer.max_steps": max(trainer.max_steps, 0),
+        }
+        for callback in trainer.callbacks:
+            count = getattr(callback, "_every_n_train_steps", None)  # ModelCheckpoint's
+            if count:
+                counts[f"{type(callback).__name__}.every_n_train_steps"] = count
         misfits = [f"{name}={count}" for name, count in counts.items() if count % size]
         if misfits:
             raise ValueError(
@@ -542,9 +564,4 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
         in eval mode, on the module's device."""
         generator = self.sampling_generator
-        was_training = generator.training
-        generator.eval()
-        try:
-            return generator(generator.sample_noise(n, self.device))
-        finally:
-            generator.train(was_training)
+        return eval_forward(generator, generator.sample_noise(n, self.device))

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gan.figures import _check_positive, _datamodule_images, _fixed_noise, _generate
+from lightning_gan.figures import _check_positive, _datamodule_images, _fixed_noise
+from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours, pairwise_sq_dists_chunks
 
 __all__ = ["CollapseMonitor", "GANProgressBar"]
@@ -132,9 +133,9 @@ class CollapseMonitor(Callback):
             self.noise = _fixed_noise(pl_module, self.num_samples, self.seed)
         # moved once to the module's device (at `setup` the module may not be there yet)
         self._reference, self._real = self._reference.to(pl_module.device), self._real.to(pl_module.device)
-        samples = _generate(pl_module.generator, self.noise, pl_module.device)
-        d_real = torch.sigmoid(_generate(pl_module.discriminator, self._real, pl_module.device).float()).mean()
-        d_fake = torch.sigmoid(_generate(pl_module.discriminator, samples, pl_module.device).float()).mean()
+        samples = eval_forward(pl_module.generator, self.noise, pl_module.device)
+        d_real = torch.sigmoid(eval_forward(pl_module.discriminator, self._real, pl_module.device).float()).mean()
+        d_fake = torch.sigmoid(eval_forward(pl_module.discriminator, samples, pl_module.device).float()).mean()
         flat = samples.flatten(1).to(self._reference)
         _, index = nearest_neighbours(flat, self._reference)
         (mean, nn), (data_mean, data_nn) = _spread(flat), self._data_spread

@@ -219,8 +219,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The place in the epoch: ``epoch``, ``batches`` consumed in it (stacks of ``stack_batches``), and the
-        shuffling ``seed``."""
+        """The place in the epoch: ``epoch``, ``batches`` consumed in it (stacks of ``stack_batches``), the shuffling
+        ``seed``, and ``stack_batches``."""
         if self._pending is not None:
             epoch, batches = self._pending
         else:
@@ -230,25 +230,21 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": epoch, "batches": batches, "seed": seed, "stack_batches": self.stack_batches}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the next pass skips the batches that epoch had consumed (also when they
-        were stacked by another ``stack_batches``, if this one stacks them evenly)."""
+        """Continue from :meth:`state_dict`: the next pass skips the batches that epoch had consumed.
+
+        Raises:
+            ValueError: when the state counts stacks of another size (``stack_batches``) than this loader's, for
+                Lightning's own count of the epoch's batches would not fit this loader's.
+        """
         epoch, batches = state_dict.get("epoch"), int(state_dict.get("batches", 0))
+        saved_stack = int(state_dict.get("stack_batches", 1))
+        if saved_stack != self.stack_batches:
+            raise ValueError(
+                f"The checkpoint's training batches are stacks of {saved_stack} steps, these are stacks of "
+                f"{self.stack_batches}: resume with the datamodule's `steps_per_batch: {saved_stack}` (as saved)."
+            )
         if state_dict.get("seed") is not None and hasattr(self.sampler, "seed"):
             self.sampler.seed = state_dict["seed"]
-        saved_stack = int(state_dict.get("stack_batches", 1))
-        if saved_stack != self.stack_batches and epoch is not None:
-            single = len(super()._index_sampler)  # single batches in a pass
-            if batches >= single // saved_stack:
-                batches = len(self)  # that epoch was finished
-            elif batches * saved_stack % self.stack_batches:
-                raise ValueError(
-                    f"The checkpoint stopped {batches * saved_stack} batches into epoch {epoch}, which is no whole "
-                    f"number of stacks of {self.stack_batches}: resume with {saved_stack} batches per stack (the "
-                    "datamodule's `steps_per_batch`, as saved) or a divisor of it, or from a checkpoint at the end of "
-                    "an epoch."
-                )
-            else:
-                batches = batches * saved_stack // self.stack_batches
         if epoch is not None and batches >= len(self):  # that epoch was finished
             epoch, batches = epoch + 1, 0
         if epoch is not None:

@@ -45,12 +45,13 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
 def test_fit_from_the_fast_mnist_config(mnist_root: Path, tmp_path: Path) -> None:
     args = fit_args(mnist_root, tmp_path)
     args[args.index(str(CONFIGS / "mnist.yaml"))] = str(CONFIGS / "mnist_fast.yaml")
+    args[args.index("--trainer.max_steps=4")] = "--trainer.max_steps=10"  # one stack of 10 steps
     cli = build_cli(args)
-    assert cli.trainer.global_step == 4
+    assert cli.trainer.global_step == 10
     gan = cli.model
     assert gan.cuda_graph and gan.schedule == "alternating" and gan.lr_decay == 1.0 and gan.momentum_final is None
     assert [type(opt) for opt in cli.trainer.optimizers] == [torch.optim.Adam, torch.optim.Adam]
-    assert cli.datamodule.device_resident and cli.datamodule.steps_per_batch == 10  # max_steps=4 stops in a stack
+    assert cli.datamodule.device_resident and cli.datamodule.steps_per_batch == 10
     # the generator's weight average is checkpointed, and a model rebuilt from the checkpoint samples from it
     assert gan.ema_decay == 0.9999
     loaded = GAN.load_from_checkpoint(next(tmp_path.rglob("*.ckpt")))

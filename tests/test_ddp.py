@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import quiet_trainer, tiny_nets
-from lightning.pytorch import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Callback, LightningDataModule
 
 from lightning_gan import GAN
+from lightning_gan.data import InMemoryTensors, _whole_batch
+from lightning_gan.resume import ResumableDataLoader
 
 
 class SaveRankState(Callback):
@@ -32,6 +33,21 @@ class SaveRankState(Callback):
         )
 
 
+class Stacks(LightningDataModule):
+    """Batches of 4, or stacks of ``stack`` of them (each a training step), from each rank's shard; the loader is
+    built in the spawned process, as GANDataModule's."""
+
+    def __init__(self, data: torch.Tensor, stack: int) -> None:
+        super().__init__()
+        self.data, self.stack = data, stack
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = InMemoryTensors(self.data)
+        return ResumableDataLoader(
+            dataset, batch_size=4, drop_last=True, collate_fn=_whole_batch, stack_batches=self.stack
+        )
+
+
 def tiny_gan(schedule: str, k: int) -> GAN:
     return GAN(*tiny_nets(), schedule=schedule, k=k, ema_decay=0.9)  # the average stays identical too
 
@@ -44,12 +60,10 @@ def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, st
         strategy="ddp_spawn",
         max_epochs=1,
         enable_checkpointing=False,
-        log_every_n_steps=2,
+        log_every_n_steps=100,  # a multiple of the stack; no metrics to send back from the spawned ranks
         callbacks=[SaveRankState(tmp_path)],
     )
-    # batches of 4, or stacks of `stack` such batches (each a training step)
-    batches = data.view(-1, stack, 4, 1, 2, 2).squeeze(1)
-    trainer.fit(tiny_gan(schedule, k), DataLoader(TensorDataset(batches), batch_size=None))
+    trainer.fit(tiny_gan(schedule, k), datamodule=Stacks(data, stack))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] == 8  # 64 examples / 2 ranks / batch 4
     assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank draws its own noise

@@ -360,3 +360,9 @@ def test_simultaneous_update_on_one_device_is_the_authors_single_graph(keep_prob
     assert min(update.abs().max() for update in updates) > 1e-5  # every tensor moves by far more than atol
     for update, reference in zip(updates, expected, strict=True):
         torch.testing.assert_close(update, reference, rtol=1e-4, atol=2e-7)  # 2e-7: rounding of p - p0
+
+
+def test_sample_from_a_64_bit_model_draws_in_its_dtype() -> None:
+    gan = GAN(*tiny_nets(), ema_decay=0.9).double()  # from the average too
+    samples = gan.sample(5)
+    assert samples.dtype == torch.float64 and samples.shape == (5, 1, 2, 2)

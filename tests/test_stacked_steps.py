@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN, GANDataModule
+from lightning_gan.checkpointing import InterruptCheckpoint
 from lightning_gan.cli import build_cli
 from lightning_gan.data import InMemoryTensors, _whole_batch
 from lightning_gan.resume import ResumableDataLoader
@@ -50,10 +51,10 @@ def fit(gan: GAN, stack: int, root: Path, ckpt_path: Path | None = None, **kwarg
     return trainer
 
 
-def logged(root: Path) -> list[tuple[int, str]]:
-    """(step, d_loss) of every logged training step, as the logger wrote them."""
+def logged(root: Path, key: str = "train/d_loss") -> list[tuple[int, str]]:
+    """(step, value) of every row with ``key``, as the logger wrote them."""
     with (root / "metrics.csv").open() as file:
-        return [(int(row["step"]), row["train/d_loss"]) for row in csv.DictReader(file) if row["train/d_loss"]]
+        return [(int(row["step"]), row[key]) for row in csv.DictReader(file) if row.get(key)]
 
 
 @pytest.mark.parametrize(
@@ -71,8 +72,9 @@ def test_a_stack_trains_as_its_batches_one_by_one(
     # the fast path's bookkeeping on the CPU, with its update made eagerly (no capture off CUDA)
     monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
     single, stacked = make_gan(**options), make_gan(**options)
-    single_trainer = fit(single, 1, tmp_path / "single")
-    stacked_trainer = fit(stacked, stack, tmp_path / "stacked")
+    # LearningRateMonitor logs from on_train_batch_start, before the training step
+    single_trainer = fit(single, 1, tmp_path / "single", callbacks=[LearningRateMonitor("step")])
+    stacked_trainer = fit(stacked, stack, tmp_path / "stacked", callbacks=[LearningRateMonitor("step")])
     assert stacked_trainer.global_step == single_trainer.global_step == 2 * BATCHES
     assert stacked.generator_updates == single.generator_updates == 2 * BATCHES // options.get("k", 1)
     assert (stacked._graphs is not None) == options.get("cuda_graph", False)
@@ -81,15 +83,9 @@ def test_a_stack_trains_as_its_batches_one_by_one(
     # the same steps logged, with the same values, at the same x-axis positions
     assert logged(tmp_path / "stacked") == logged(tmp_path / "single")
     assert [step for step, _ in logged(tmp_path / "single")] == [2, 5, 8, 11]
-
-
-def test_max_steps_stops_inside_a_stack(tmp_path: Path) -> None:
-    single, stacked = make_gan(), make_gan()
-    fit(single, 1, tmp_path / "single", max_steps=4)
-    trainer = fit(stacked, 3, tmp_path / "stacked", max_steps=4)
-    assert trainer.global_step == 4
-    for name, tensor in single.state_dict().items():
-        torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    # at the same steps (with the learning rate at the start of the stack: its hook runs once per batch)
+    lr_steps = [[step for step, _ in logged(tmp_path / run, "lr-SGD")] for run in ("stacked", "single")]
+    assert lr_steps[0] == lr_steps[1] == [2, 5, 8, 11]
 
 
 def test_a_run_resumed_between_stacks_is_exact(tmp_path: Path) -> None:
@@ -107,11 +103,45 @@ def test_a_run_resumed_between_stacks_is_exact(tmp_path: Path) -> None:
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_a_run_resumes_only_with_its_own_stack_size(tmp_path: Path) -> None:
+    every_stack = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1)
+    fit(make_gan(), 3, tmp_path / "first", max_epochs=1, callbacks=[every_stack], enable_checkpointing=True)
+    resumed = make_gan()
+    with pytest.raises(
+        ValueError, match=r"stacks of 3 steps, these are stacks of 1: resume with .*`steps_per_batch: 3`"
+    ):
+        fit(resumed, 1, tmp_path / "resumed", ckpt_path=tmp_path / "checkpoints" / "epoch=0-step=3.ckpt")
+
+
+def test_stacks_of_unequal_size_are_refused(tmp_path: Path) -> None:
+    batches = data().view(-1, BATCH, 1, 2, 2)
+    stacks = [batches[0:3], batches[3:6], batches[0:2], batches[0:3]]  # 3 steps, 3, 2, then 3 from step 8
+    gan = make_gan()
+    trainer = quiet_trainer(max_epochs=1, log_every_n_steps=6, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="A stack of 3 steps starts at global step 8, which is no multiple of 3"):
+        trainer.fit(gan, DataLoader(stacks, batch_size=None))
+    assert gan.global_step == 8
+
+
+def test_each_trainer_s_step_counts_are_checked(tmp_path: Path) -> None:
+    gan = make_gan()
+    fit(gan, 3, tmp_path / "first", max_epochs=1)  # log_every_n_steps=3
+    with pytest.raises(ValueError, match=r"trainer\.log_every_n_steps=2"):
+        fit(gan, 3, tmp_path / "second", max_epochs=2, log_every_n_steps=2)
+
+
+def test_the_interruption_checkpoint_takes_any_stack_size(tmp_path: Path) -> None:
+    # its ranks agree every 10 steps (under DDP), which stacks of 3 pass over rather than land on
+    trainer = fit(make_gan(), 3, tmp_path, callbacks=[InterruptCheckpoint(dirpath=tmp_path)])
+    assert trainer.global_step == 2 * BATCHES
+
+
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
         ({"log_every_n_steps": 2}, "trainer.log_every_n_steps=2"),
         ({"callbacks": [ModelCheckpoint(every_n_train_steps=4)]}, "ModelCheckpoint.every_n_train_steps=4"),
+        ({"max_steps": 4}, "trainer.max_steps=4"),
     ],
 )
 def test_step_counts_that_a_stack_skips_over_are_refused(tmp_path: Path, kwargs: dict[str, Any], named: str) -> None:
@@ -176,22 +206,26 @@ def test_a_stack_size_that_leaves_batches_out_is_said(mnist_root: Path) -> None:
         GANDataModule(steps_per_batch=0)
 
 
-def test_the_loader_position_carries_over_to_another_stack_size() -> None:
-    dataset = TensorDataset(torch.arange(24.0))
+def test_the_loader_stacks_its_batches_and_keeps_its_place_in_stacks() -> None:
+    dataset = InMemoryTensors(torch.arange(24.0))
 
     def make(stack: int) -> ResumableDataLoader:
-        return ResumableDataLoader(dataset, batch_size=2, shuffle=True, drop_last=True, seed=3, stack_batches=stack)
+        return ResumableDataLoader(
+            dataset, batch_size=2, shuffle=True, drop_last=True, seed=3, stack_batches=stack, collate_fn=_whole_batch
+        )
 
-    order = [batch[0] for batch in make(1)]  # 12 batches of 2
-    single = make(1)
-    single.load_state_dict({"epoch": 0, "batches": 6, "seed": 3})
-    moved = make(3)
-    moved.load_state_dict(single.state_dict())  # 6 batches = 2 stacks of 3
-    rest = [stack[0] for stack in moved]
-    assert len(rest) == 2 and all(torch.equal(s, torch.stack(order[6 + 3 * i : 9 + 3 * i])) for i, s in enumerate(rest))
-    odd = make(4)
-    with pytest.raises(ValueError, match="no whole number of stacks of 4"):
-        odd.load_state_dict({"epoch": 0, "batches": 6, "seed": 3, "stack_batches": 1})
+    order = [batch for (batch,) in make(1)]  # 12 batches of 2
+    stacks = [stack for (stack,) in make(3)]
+    assert len(stacks) == 4 and all(torch.equal(s, torch.stack(order[3 * i : 3 * i + 3])) for i, s in enumerate(stacks))
+    partial = make(3)
+    iterator = iter(partial)
+    _ = next(iterator)
+    resumed = make(3)
+    resumed.load_state_dict(partial.state_dict())
+    rest = [stack for (stack,) in resumed]
+    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, stacks[1:], strict=True))
+    with pytest.raises(ValueError, match="stacks of 3 steps, these are stacks of 1"):
+        make(1).load_state_dict(partial.state_dict())
     with pytest.raises(ValueError, match="drop_last"):
         ResumableDataLoader(dataset, batch_size=2, stack_batches=2)
 
