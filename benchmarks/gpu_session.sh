@@ -42,7 +42,7 @@ check)
     (LIGHTNING_GAN_DATA_ROOT=.device-data python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py \
         tests/test_averaging.py tests/test_stacked_steps.py tests/test_parzen.py 2>&1 || true) | tail -15 \
         | tee -a "$OUT/gpu_check.txt"
-    python3 benchmarks/throughput.py --device cuda --steps 2000 --warmup 50 --repeats 3 --data-dir .device-data \
+    python3 benchmarks/throughput.py --device cuda --steps 2000 --warmup 100 --repeats 3 --data-dir .device-data \
         2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
     ;;
 reproduce)

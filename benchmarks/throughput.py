@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--stack", type=int, default=10, help="steps per batch of the stacked rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if (args.steps + args.warmup) % args.stack:
+        parser.error(f"--steps + --warmup must be a multiple of --stack ({args.stack}): the stacked rows' max_steps")
 
     data_dir = args.data_dir
     if not (data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
