@@ -242,8 +242,8 @@ class GANDataModule(LightningDataModule):
             # Lightning compares `log_every_n_steps` with an epoch's batches, which are stacks here: not its steps
             warnings.filterwarnings(
                 "ignore",
-                re.escape(f"The number of training batches ({len(loader)}) is smaller than the logging interval")
-                + re.escape(f" Trainer(log_every_n_steps={interval})"),
+                r"The number of training batches \(\d+\) is smaller than the logging interval"
+                + re.escape(f" Trainer(log_every_n_steps={interval})."),
             )
         return loader
 

@@ -71,7 +71,6 @@ def _rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-@torch.no_grad()
 def _sampling_generator(pl_module: LightningModule) -> nn.Module:
     """The generator that figures show: ``GAN.sampling_generator`` (the weight average, if kept), else ``generator``."""
     return getattr(pl_module, "sampling_generator", pl_module.generator)

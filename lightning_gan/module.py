@@ -52,8 +52,9 @@ class _StackedSteps(Callback):
     """Counts a batch that holds a stack of training steps (``GANDataModule(steps_per_batch=S)``) as its steps in
     Lightning's count of batches, before any other callback's ``on_train_batch_start`` (see ``GAN._count_stack``)."""
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: GAN, batch: Any, batch_idx: int) -> None:
-        pl_module._count_stack(batch)
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(pl_module, GAN):  # the trainer may fit another module next
+            pl_module._count_stack(batch)
 
 
 class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
@@ -273,6 +274,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
 
     def on_train_start(self) -> None:
         self._checked_stack = 1  # this trainer's step counts are checked at its first stack
+        self._catch_up_momentum_ramp()
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
         self._start_cuda_graphs()
@@ -443,7 +445,12 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
     def on_train_epoch_start(self) -> None:
-        # A checkpoint saved at the end of validation precedes on_train_epoch_end: catch up the ramp on resume.
+        self._catch_up_momentum_ramp()
+
+    def _catch_up_momentum_ramp(self) -> None:
+        # A checkpoint saved at the end of validation, or of an epoch's last batch, precedes on_train_epoch_end: on
+        # resume, catch up the ramp (after the last batch's checkpoint Lightning starts the next epoch without
+        # on_train_epoch_start, hence also in on_train_start).
         for ramp in self._schedulers(MomentumRamp):
             while ramp.last_epoch < self.current_epoch:
                 ramp.step()

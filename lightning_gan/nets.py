@@ -88,9 +88,10 @@ def _marginal_bias(pixel_mean: Tensor, output_activation: str) -> Tensor:
     return torch.logit(mean.clamp(1e-7, 1 - 1e-7)) if output_activation == "sigmoid" else mean
 
 
+@torch.no_grad()
 def eval_forward(net: nn.Module, x: Tensor, device: torch.device | str | None = None) -> Tensor:
-    """``net(x)`` in eval mode (no dropout), with ``x`` moved to ``device`` and cast to the net's dtype (noise is drawn
-    in the default dtype, a 64-bit net wants its own); the net's mode is restored."""
+    """``net(x)`` in eval mode (no dropout) and without autograd, with ``x`` moved to ``device`` and cast to the
+    net's dtype (noise is drawn in the default dtype, a 64-bit net wants its own); the net's mode is restored."""
     was_training = net.training
     net.eval()
     try:

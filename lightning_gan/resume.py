@@ -245,8 +245,8 @@ class ResumableDataLoader(DataLoader):
             )
         if state_dict.get("seed") is not None and hasattr(self.sampler, "seed"):
             self.sampler.seed = state_dict["seed"]
-        if epoch is not None and batches >= len(self):  # that epoch was finished
-            epoch, batches = epoch + 1, 0
+        if batches >= len(self):  # that epoch was finished
+            epoch, batches = None if epoch is None else epoch + 1, 0
         if epoch is not None:
             self._set_sampler_epoch(epoch)
         self._pending = (epoch, batches)

@@ -22,13 +22,19 @@ class SaveRankState(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == 0:
+            self.shape = tuple(batch[0].shape)
             state = torch.random.get_rng_state()
             self.noise = pl_module.generator.sample_noise(4, pl_module.device)
             torch.random.set_rng_state(state)
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(
-            {"state_dict": pl_module.state_dict(), "noise": self.noise, "global_step": trainer.global_step},
+            {
+                "state_dict": pl_module.state_dict(),
+                "noise": self.noise,
+                "global_step": trainer.global_step,
+                "shape": self.shape,
+            },
             self.folder / f"rank{trainer.global_rank}.pt",
         )
 
@@ -66,6 +72,7 @@ def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, st
     trainer.fit(tiny_gan(schedule, k), datamodule=Stacks(data, stack))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] == 8  # 64 examples / 2 ranks / batch 4
+    assert rank0["shape"] == rank1["shape"] == ((stack,) if stack > 1 else ()) + (4, 1, 2, 2)
     assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank draws its own noise
     for name, tensor in rank0["state_dict"].items():
         torch.testing.assert_close(tensor, rank1["state_dict"][name], rtol=0, atol=0, msg=name)

@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.figures import LatentInterpolation, SampleGrid, nearest_training_images
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
+from lightning_gan.nets import eval_forward
 
 PAD = 2  # torchvision.utils.make_grid's default padding
 YELLOW = torch.tensor([1.0, 1.0, 0.0])
@@ -345,3 +346,12 @@ def test_grids_follow_every_n_epochs_and_one_more_when_training_stops_between(
     trainer.fit(tiny_gan((1, 6, 6)), datamodule=TinyData(torch.rand(40, 1, 6, 6), torch.rand(10, 1, 6, 6)))
     # the second epoch (index 1) by every_n_epochs, then once at the end of training, named by its epoch index
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0001-step=4.png", last]
+
+
+def test_figures_draw_in_eval_mode_without_autograd() -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5)).train()
+    with torch.enable_grad():  # as in on_train_epoch_end
+        out = eval_forward(net, torch.ones(4, 2, dtype=torch.float64))
+    assert out.grad_fn is None and not out.requires_grad  # no graph kept for the figures
+    assert out.dtype == torch.float32 and net.training  # cast to the net's dtype; its mode restored
+    assert torch.equal(out, net[0](torch.ones(4, 2)).detach())  # no dropout

@@ -197,6 +197,9 @@ def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
     resumed.load_state_dict(partial.state_dict())
     assert [b[0].tolist() for b in resumed] == epochs[0][4:]
     assert isinstance(resumed.sampler, EpochRandomSampler) and len(resumed) == 6
+    in_order = ResumableDataLoader(data, batch_size=3)  # no shuffling: no epoch to count
+    in_order.load_state_dict({"epoch": None, "batches": 6, "seed": None})  # a finished pass: the next is whole
+    assert len([batch for batch in in_order]) == 6
 
 
 def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -> None:
@@ -577,3 +580,14 @@ def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Pa
         trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH))
     # without the agreement rank 0 would stop alone at step 4 and hang in the checkpoint's collectives
     assert (tmp_path / "stop0").read_text() == (tmp_path / "stop1").read_text() == "6"
+
+
+def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(straight_run: dict[str, Any], tmp_path: Path) -> None:
+    # saved at the end of the epoch's last batch, before the epoch ends: Lightning then starts the next epoch
+    # without its on_train_epoch_start
+    every_epoch_of_steps = ModelCheckpoint(tmp_path / "first", every_n_train_steps=BATCHES_PER_EPOCH, save_top_k=-1)
+    fit(tmp_path / "first", epochs=1, checkpoint=every_epoch_of_steps)
+    last_batch = tmp_path / "first" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    trainer, gan, record = fit(tmp_path / "resumed", ckpt_path=last_batch)
+    assert_identical(training_state(trainer, gan), straight_run["state"])
+    assert_identical(record.batches, straight_run["batches"][BATCHES_PER_EPOCH:], "batches")
