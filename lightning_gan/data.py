@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -58,12 +59,15 @@ class _IndicesOnDevice:
         return len(self.batch_sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Tensor]:
-        batches = [torch.as_tensor(batch, dtype=torch.long) for batch in self.batch_sampler]
+        batches = list(self.batch_sampler)
         if not batches:
             return
-        flat = torch.cat([batch.flatten() for batch in batches]).to(self.device)
-        for batch, indices in zip(batches, flat.split([batch.numel() for batch in batches]), strict=True):
-            yield indices.view(batch.shape)
+        stacked = isinstance(batches[0][0], list)
+        rows = [row for stack in batches for row in stack] if stacked else batches
+        flat = torch.tensor([i for row in rows for i in row], dtype=torch.long).to(self.device)
+        shapes = [(len(stack), len(stack[0])) for stack in batches] if stacked else [(len(b),) for b in batches]
+        for indices, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes, strict=True):
+            yield indices.view(shape)
 
 
 class _DeviceIndexLoader(ResumableDataLoader):

@@ -91,7 +91,7 @@ class EpochRandomSampler(RandomSampler):
         if self.seed is None:
             self.seed = torch.initial_seed()
         generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
 class _ResumedBatches:
