@@ -3,7 +3,7 @@
 # measured).
 #
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
-#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~3 min)
+#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~3-4 min)
 #   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
 #
 # `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
@@ -42,7 +42,7 @@ check)
     (LIGHTNING_GAN_DATA_ROOT=.device-data python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py \
         tests/test_averaging.py tests/test_stacked_steps.py tests/test_parzen.py 2>&1 || true) | tail -15 \
         | tee -a "$OUT/gpu_check.txt"
-    python3 benchmarks/throughput.py --device cuda --steps 2000 --warmup 100 --repeats 3 --data-dir .device-data \
+    python3 benchmarks/throughput.py --device cuda --steps 1000 --warmup 100 --repeats 2 --data-dir .device-data \
         2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
     ;;
 reproduce)
