@@ -169,7 +169,6 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
-        self._checked_stack = 1  # the latest number of stacked steps per batch whose step counts were checked
         self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
     # ------------------------------------------------------------------ losses (override to change the game)
@@ -273,7 +272,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._check_average_precision()
 
     def on_train_start(self) -> None:
-        self._checked_stack = 1  # this trainer's step counts are checked at its first stack
+        self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
         self._catch_up_momentum_ramp()
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
@@ -566,7 +565,6 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx, "test")
 
-    @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
         in eval mode, on the module's device."""

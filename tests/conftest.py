@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 
-from lightning_gan import MaxoutDiscriminator, MLPGenerator
+from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
 
 REAL_DATA_ROOT = Path(
@@ -77,3 +77,9 @@ def real_mnist_root() -> Path:
     if not (REAL_DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real MNIST not found under {REAL_DATA_ROOT} (set LIGHTNING_GAN_DATA_ROOT)")
     return REAL_DATA_ROOT
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the fast path's bookkeeping on the CPU; its update is then made eagerly (no capture off CUDA)."""
+    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)

@@ -71,12 +71,6 @@ def test_on_a_cpu_cuda_graph_trains_eagerly_with_identical_results(tmp_path: Pat
     assert torch.equal(flat(eager), flat(graphed))
 
 
-@pytest.fixture
-def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the fast path's bookkeeping on the CPU; its update is then made eagerly (no capture off CUDA)."""
-    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
-
-
 @pytest.mark.usefixtures("fast_path_on_cpu")
 @pytest.mark.parametrize(
     ("schedule", "k", "optimizer"),

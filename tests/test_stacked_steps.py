@@ -66,11 +66,8 @@ def logged(root: Path, key: str = "train/d_loss") -> list[tuple[int, str]]:
     ],
     ids=["alternating", "simultaneous", "fast-path"],
 )
-def test_a_stack_trains_as_its_batches_one_by_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], stack: int
-) -> None:
-    # the fast path's bookkeeping on the CPU, with its update made eagerly (no capture off CUDA)
-    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
+@pytest.mark.usefixtures("fast_path_on_cpu")
+def test_a_stack_trains_as_its_batches_one_by_one(tmp_path: Path, options: dict[str, Any], stack: int) -> None:
     single, stacked = make_gan(**options), make_gan(**options)
     # LearningRateMonitor logs from on_train_batch_start, before the training step
     single_trainer = fit(single, 1, tmp_path / "single", callbacks=[LearningRateMonitor("step")])
@@ -151,11 +148,8 @@ def test_step_counts_that_a_stack_skips_over_are_refused(tmp_path: Path, kwargs:
     assert gan.global_step == 0
 
 
-def test_the_fast_mnist_config_trains_the_same_stacked_on_real_mnist(
-    real_mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)  # the fast path's bookkeeping, on the CPU
-
+@pytest.mark.usefixtures("fast_path_on_cpu")
+def test_the_fast_mnist_config_trains_the_same_stacked_on_real_mnist(real_mnist_root: Path, tmp_path: Path) -> None:
     def weights(steps_per_batch: int) -> dict[str, torch.Tensor]:
         cli = build_cli(
             [
