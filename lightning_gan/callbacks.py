@@ -9,6 +9,7 @@ from the datamodule and sharded by rank (no DistributedSampler padding), so ever
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -32,7 +33,11 @@ class ParzenEvaluation(Callback):
 
     Logs ``parzen/sigma`` and ``parzen/val_ll`` (mean validation LL at the chosen sigma) at validation epoch end, and
     ``parzen/test_ll``, ``parzen/test_se`` on ``test``, where it also prints a one-line result. The chosen sigma is
-    saved in the callback's checkpoint state; a ``test`` run without one selects it on the validation split first.
+    saved in the callback's checkpoint state, with a fingerprint of the centres and validation images it was chosen
+    on. A ``test`` run uses it for that same generator and validation split; it selects sigma on the validation split
+    first when it has none, or when the generator or the split differ (a checkpoint saved between selections, another
+    TFD fold), as the authors' script does for each model it evaluates. A sigma set by hand (``callback.sigma = s``)
+    is used as given.
 
     Args:
         num_samples: generator samples used as window centres (the authors: 10,000), drawn by ``GAN.sample``: from
@@ -78,7 +83,25 @@ class ParzenEvaluation(Callback):
         self.test_size = test_size
         self.seed = seed
         self.chunk_size = chunk_size
-        self.sigma: float | None = None
+        self.sigma = None
+
+    @property
+    def sigma(self) -> float | None:
+        """The bandwidth used on ``test``: the latest one selected, one restored from a checkpoint, or one set."""
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float | None) -> None:
+        self._sigma = value
+        self._chosen_for: str | None = None  # the fingerprint of what it was selected on; None: set by hand
+
+    def _fingerprint(self, centres: Tensor, valid: Tensor) -> str:
+        """Identifies the generator's samples, the validation images and the grid that a selection saw."""
+        digest = hashlib.blake2b(repr(self.sigmas).encode(), digest_size=16)
+        for tensor in (centres, valid):
+            digest.update(repr((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ centres, the same for any world size
     @torch.no_grad()
@@ -122,11 +145,15 @@ class ParzenEvaluation(Callback):
     def select(self, trainer: Trainer, pl_module: LightningModule, centres: Tensor | None = None) -> float:
         """Choose sigma on the first ``val_size`` validation images; every rank computes the same grid."""
         centres = self.centres(trainer, pl_module) if centres is None else centres
-        valid = self._images(trainer, "val", self.val_size).flatten(1).to(centres.device)
+        valid = self._validation_images(trainer, centres.device)
         sigma, mean_ll = select_sigma(valid, centres, self.sigmas)
         self.sigma = float(sigma)
+        self._chosen_for = self._fingerprint(centres, valid)
         self.val_ll = float(mean_ll.max())
         return self.sigma
+
+    def _validation_images(self, trainer: Trainer, device: torch.device) -> Tensor:
+        return self._images(trainer, "val", self.val_size).flatten(1).to(device)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -139,7 +166,10 @@ class ParzenEvaluation(Callback):
     # ------------------------------------------------------------------ the number, on test
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         centres = self.centres(trainer, pl_module)
-        if self.sigma is None:
+        if self.sigma is None or (
+            self._chosen_for is not None
+            and self._chosen_for != self._fingerprint(centres, self._validation_images(trainer, centres.device))
+        ):
             self.select(trainer, pl_module, centres)
         test = self._images(trainer, "test", self.test_size)
         metric = ParzenLogLikelihood(centres, self.sigma).to(pl_module.device)
@@ -162,7 +192,8 @@ class ParzenEvaluation(Callback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"sigma": self.sigma}
+        return {"sigma": self.sigma, "chosen_for": self._chosen_for}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sigma = state_dict.get("sigma")
+        self._chosen_for = state_dict.get("chosen_for")

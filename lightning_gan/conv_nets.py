@@ -54,7 +54,8 @@ class MaxoutConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.conv(x)  # (B, channels * pieces, H', W')
-        z = z.view(z.shape[0], self.channels, self.pieces, *z.shape[2:]).amax(dim=2)  # (B, channels, H', W')
+        # max, not amax, as in Maxout
+        z = z.view(z.shape[0], self.channels, self.pieces, *z.shape[2:]).max(dim=2).values  # (B, channels, H', W')
         return self.pool(z)  # (B, channels, ceil((H' - pool) / stride) + 1, ...)
 
 

@@ -20,6 +20,7 @@ What a graph bakes in, and how it stays right:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -238,14 +239,20 @@ class CudaGraphTraining:
         d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
 
-    def _graphed_training_step(self: GAN, real: Tensor, log: bool) -> None:
+    def _batch_graphed_step(self: GAN) -> Callable[[Tensor, bool], None]:
+        """:meth:`_graphed_training_step` for this batch's steps, with the optimizers' graph constants read once: they
+        change only between batches (the momentum ramp steps at an epoch's end)."""
+        return partial(self._graphed_training_step, constants=graph_constants([self._optimizer(0), self._optimizer(1)]))
+
+    def _graphed_training_step(self: GAN, real: Tensor, log: bool, constants: tuple[Any, ...]) -> None:
+        """One step's update replayed; ``constants``: :func:`graph_constants` of the optimizers."""
         assert self._graphs is not None
         d_opt, _ = self.optimizers()
         step = self.global_step
         generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
         if generator_step and self.generator_ema is not None:
             self._set_average_weight((step + 1) // self.k)
-        stats = self._graphs(real, generator_step, graph_constants([self._optimizer(0), self._optimizer(1)]))
+        stats = self._graphs(real, generator_step, constants)
         if generator_step:
             self._last_g_loss = stats[1]
         if not self._guard.deferred(self):  # on a GPU the update itself recorded it

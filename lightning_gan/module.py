@@ -363,7 +363,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         real = self._real_images(batch)
         steps = (real,) if real.dim() != 5 else real.unbind(0)  # counted by _StackedSteps before the batch
         log = self.trainer._logger_connector.should_update_logs  # for the batch's last step
-        step = self._graphed_training_step if self._graphs is not None else self._eager_training_step
+        step = self._batch_graphed_step() if self._graphs is not None else self._eager_training_step
         for index, minibatch in enumerate(steps):
             step(minibatch, log and index == len(steps) - 1)
 

@@ -119,7 +119,9 @@ class Maxout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.linear(x)  # (B, units * pieces)
-        return z.view(*z.shape[:-1], self.units, self.pieces).amax(dim=-1)  # (B, units)
+        # max, not amax: the same values, and a backward pass that scatters to the argmax (amax's splits ties, in
+        # several more kernels); the gradients differ only at exact ties
+        return z.view(*z.shape[:-1], self.units, self.pieces).max(dim=-1).values  # (B, units)
 
 
 class MLPGenerator(nn.Module):

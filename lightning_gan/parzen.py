@@ -275,7 +275,7 @@ def select_sigma(
     validation log-likelihood. Returns ``(sigma, mean_ll_per_sigma)``, the latter (S,) float64 on the CPU; ties go to
     the first sigma.
     """
-    grid, _ = _sigmas(torch.logspace(-1, 0, 10) if sigmas is None else sigmas, "sigmas")
+    grid, _ = _sigmas(torch.logspace(-1, 0, 10, dtype=torch.float64) if sigmas is None else sigmas, "sigmas")
     ll = parzen_log_likelihood(valid, samples, grid, chunk_x=chunk_x, chunk_y=chunk_y, dtype=dtype)
     mean_ll = ll.double().mean(1).cpu()
     return float(grid[int(mean_ll.argmax())]), mean_ll

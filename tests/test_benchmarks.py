@@ -6,7 +6,15 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import pytest
+from conftest import TINY_NETS
+from test_datasets import tfd_arrays, write_tfd
+
+from lightning_gan.cli import build_cli
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+CONFIGS = BENCHMARKS.parent / "configs"
 
 
 def load_script(name: str):
@@ -34,3 +42,34 @@ def test_reproduce_mnist_writes_its_tables(mnist_root: Path, tmp_path: Path) -> 
     assert "Selected by validation LL" in markdown
     assert "Flags: --model.init_args.generator.init_args.hidden_sizes=[16,16]" in markdown
     assert (tmp_path / "reproduce_mnist_samples.png").stat().st_size > 0
+
+
+def test_tfd_folds_evaluates_each_fold_and_combines_them(tmp_path: Path) -> None:
+    write_tfd(tmp_path)
+    common = [
+        f"--data.init_args.data_dir={tmp_path}", "--data.init_args.batch_size=10", "--trainer.logger=false",
+        "--trainer.accelerator=cpu", *TINY_NETS, "--model.init_args.generator.init_args.output_sparse_init=10",
+    ]  # fmt: skip
+    build_cli(
+        ["fit", f"--config={CONFIGS / 'tfd.yaml'}", *common, f"--trainer.default_root_dir={tmp_path / 'run'}",
+         "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+    script = load_script("tfd_folds")
+    flags = [f"--ckpt-path={checkpoint}", f"--data-dir={tmp_path}", f"--out={tmp_path}", "--num-samples=200"]
+    rows = script.main([*flags, "--accelerator=cpu", "--", *common[4:]])
+
+    folds = tfd_arrays()["folds"]
+    assert [row["fold"] for row in rows] == [0, 1, 2, 3, 4]
+    assert [row["test_examples"] for row in rows] == [int((folds[:, k] == 3).sum()) for k in range(5)]
+    assert all(0.1 <= row["sigma"] <= 1.0 for row in rows)  # each chosen from the paper's grid
+    lls = [row["test_ll"] for row in rows]
+    mean, se = script.across_folds(lls)
+    assert mean == pytest.approx(np.mean(lls)) and se == pytest.approx(np.std(lls) / np.sqrt(5))
+    with open(tmp_path / "tfd_folds.csv") as f:
+        assert [float(r["test_ll"]) for r in csv.DictReader(f)] == lls
+    assert f"Mean over folds: {mean:.2f} ± {se:.2f}" in (tmp_path / "tfd_folds.md").read_text()
+
+    # a model trained on one fold's labelled rows has seen other folds' test rows
+    with pytest.raises(SystemExit, match="one checkpoint per fold"):
+        script.main([*flags, "--", *common[4:], "--data.init_args.tfd_train_set=train"])

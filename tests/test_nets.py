@@ -22,6 +22,18 @@ def test_maxout_takes_the_max_over_each_units_contiguous_pieces() -> None:
     torch.testing.assert_close(layer(x), expected)
 
 
+def test_maxout_sends_each_units_gradient_to_its_winning_piece_only() -> None:
+    layer = Maxout(in_features=2, units=2, pieces=3)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1], [-1, 0], [0, -1], [2, 0]]))
+        layer.linear.bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, -5]))
+    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    layer(x).backward(torch.tensor([[1.0, 10.0], [100.0, 1000.0]]))
+    # winners: row 0 pieces 2 (x0 + x1) and 3 (-x0); row 1 pieces 1 (x1) and 3 (-x0)
+    expected_bias_grad = torch.tensor([0.0, 100, 1, 1010, 0, 0])
+    torch.testing.assert_close(layer.linear.bias.grad, expected_bias_grad)
+
+
 def test_discriminator_dropout_is_inverted_with_the_papers_keep_probabilities() -> None:
     d = MaxoutDiscriminator(in_shape=(1, 4, 4), units=(3, 3), pieces=2)
     dropouts = [m for m in d.modules() if isinstance(m, nn.Dropout)]

@@ -120,13 +120,40 @@ def test_a_test_run_uses_the_checkpointed_sigma_or_else_selects_one_on_validatio
     assert test_alone()["parzen/sigma"] == pytest.approx(validated["parzen/sigma"])
 
     callback = evaluation()
-    callback.sigma = 0.25  # off the grid: only the checkpoint can bring it back
+    callback.sigma = 0.25  # set by hand, off the grid: used as given, and only the checkpoint can bring it back
     trainer = quiet_trainer(
         callbacks=[callback], max_steps=1, limit_train_batches=1, limit_val_batches=0, default_root_dir=tmp_path
     )
     trainer.fit(seeded_gan(), datamodule=dm)
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     assert test_alone(ckpt_path=checkpoint)["parzen/sigma"] == pytest.approx(0.25)
+
+
+def test_a_selected_sigma_is_selected_again_for_another_generator_or_validation_split(mnist_root: Path) -> None:
+    dm = GANDataModule(data_dir=mnist_root, download=False)
+    callback = CountSelections(num_samples=300, val_size=40, test_size=20, chunk_size=100, sigmas=[0.05, 0.2, 0.8])
+    trainer = quiet_trainer(callbacks=[callback], limit_val_batches=1, limit_test_batches=1)
+    gan = seeded_gan()
+    trainer.validate(gan, datamodule=dm, verbose=False)
+    assert len(callback.epochs) == 1
+    assert callback.state_dict()["chosen_for"] is not None
+    trainer.test(gan, datamodule=dm, verbose=False)
+    assert len(callback.epochs) == 1  # the same generator and split: the validated sigma is used
+
+    with torch.no_grad():  # a generator trained further (say, a checkpoint saved between two selections)
+        gan.generator.output_layer.bias.add_(1.0)
+    trainer.test(gan, datamodule=dm, verbose=False)
+    assert len(callback.epochs) == 2
+
+    callback.val_size = 30  # another validation split (say, another TFD fold)
+    trainer.test(gan, datamodule=dm, verbose=False)
+    assert len(callback.epochs) == 3
+
+    restored = CountSelections(num_samples=300, val_size=30, test_size=20, chunk_size=100, sigmas=[0.05, 0.2, 0.8])
+    restored.load_state_dict(callback.state_dict())  # as from a checkpoint, in a new process
+    quiet_trainer(callbacks=[restored], limit_test_batches=1).test(gan, datamodule=dm, verbose=False)
+    assert restored.epochs == []
+    assert restored.sigma == callback.sigma
 
 
 @pytest.mark.parametrize(
