@@ -97,11 +97,14 @@ class GeneratorAveraging:
     generator_ema: nn.Module | None
     ema_decay: float | None
     _ema_weight: Tensor
+    _ema_updates: int  # the schedule's generator steps the average has followed, over every fit of this module
+    _ema_offset: int  # _ema_updates - generator_updates, fixed when a fit starts
 
     def _init_average(self: GAN, ema_decay: float | None) -> None:
         check_decay(ema_decay)
         self.ema_decay = ema_decay
         self.generator_ema = frozen_copy(self.generator) if ema_decay is not None else None
+        self._ema_updates = self._ema_offset = 0
         if ema_decay is not None:
             # The average's step, on the module's device: the CUDA graph reads it at each replay. Every rank fills it
             # alike, so DDP need not broadcast it before each forward pass, as it does module buffers.
@@ -114,11 +117,17 @@ class GeneratorAveraging:
         from: the weight average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
         return self.generator_ema if self.generator_ema is not None else self.generator
 
+    def _continue_average(self, generator_updates: int) -> None:
+        """When a fit starts, at ``generator_updates`` (restored by a resume, else 0): count on from the updates the
+        average has followed, so that a second fit of a trained module goes on averaging instead of starting over."""
+        self._ema_offset = self._ema_updates - generator_updates
+
     # The two below are called only when the average is kept (``generator_ema`` is not None), from the training step.
-    def _set_average_weight(self, update: int) -> None:
-        """Set how far :meth:`_average_generator` moves the average, for the schedule's ``update``-th generator step
-        (updates left out by ``nonfinite="skip"`` included)."""
-        self._ema_weight.fill_(average_weight(self.ema_decay, update))
+    def _set_average_weight(self, generator_updates: int) -> None:
+        """Set how far :meth:`_average_generator` moves the average, for this fit's ``generator_updates``-th generator
+        step (updates left out by ``nonfinite="skip"`` included)."""
+        self._ema_updates = self._ema_offset + generator_updates
+        self._ema_weight.fill_(average_weight(self.ema_decay, self._ema_updates))
 
     def _average_generator(self) -> None:
         """Move the average towards the generator by the weight set last (device work only)."""
@@ -129,8 +138,10 @@ class GeneratorAveraging:
         if self.generator_ema is not None:
             check_precision(self.generator_ema, self.ema_decay)
 
-    def _fit_average_to(self, checkpoint: dict[str, Any]) -> None:
-        """Make a checkpoint written with or without an average load into this model, saying what was done."""
+    def _fit_average_to(self, checkpoint: dict[str, Any], generator_updates: int) -> None:
+        """Make a checkpoint written with or without an average load into this model, saying what was done, and
+        restore how many updates the average has followed (``generator_updates`` for checkpoints that predate it)."""
+        self._ema_updates = int((checkpoint.get("lightning_gan") or {}).get("ema_updates", generator_updates))
         if isinstance(checkpoint.get("state_dict"), dict):
             done = reconcile_checkpoint(checkpoint["state_dict"], averaging=self.generator_ema is not None)
             if done:

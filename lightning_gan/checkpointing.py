@@ -30,6 +30,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -90,10 +91,11 @@ class InterruptCheckpoint(Callback):
     * SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current step and stops; this callback then
       saves ``<dirpath>/<filename>.ckpt``. The same for a first Ctrl-C (SIGINT), which this callback turns into the
       same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
-      step). Under DDP, a signal on any rank stops every rank at the same step: the ranks agree on it every
-      ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent checkpoint together.
-    * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.guards.NonFiniteError`): the checkpoints
-      already written are kept as they are.
+      step). Under DDP, a signal on any rank, while training or validating, stops every rank at the same training
+      step: the ranks agree on it every ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one
+      consistent checkpoint together.
+    * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.guards.NonFiniteError`), nor when
+      ``validate`` or ``test`` is stopped: the checkpoints already written are kept as they are.
 
     Resume with ``lightning-gan fit ... --ckpt_path <dirpath>/<filename>.ckpt`` or ``trainer.fit(..., ckpt_path=...)``.
 
@@ -168,11 +170,8 @@ class InterruptCheckpoint(Callback):
     ) -> None:
         if trainer.world_size == 1:
             return
-        # Lightning stops a rank as soon as *its* flag is set, at the end of this batch: a rank stopping alone would
-        # then wait forever in the checkpoint's collectives. Hold the flag back until all ranks agree.
+        self._hold_back_signal(trainer)
         connector = trainer._signal_connector
-        if connector.received_sigterm:
-            self._stop_requested, connector.received_sigterm = True, False
         # when a multiple of the interval was reached or passed (a batch may hold several steps): alike on all ranks
         interval = trainer.global_step // self.sync_every_n_steps
         if interval != self._synced_interval:
@@ -181,6 +180,21 @@ class InterruptCheckpoint(Callback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if flag.item() > 0:
                 connector.received_sigterm = True
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        # Lightning also stops a validation loop between batches; the ranks then agree at the next training step
+        if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+            self._hold_back_signal(trainer)
+
+    def _hold_back_signal(self, trainer: Trainer) -> None:
+        """Lightning stops a rank as soon as *its* flag is set, at the end of this batch: a rank stopping alone would
+        then wait forever in the checkpoint's collectives. Hold the flag back until all ranks agree."""
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            self._stop_requested, connector.received_sigterm = True, False
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
@@ -199,6 +213,8 @@ class InterruptCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handler()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+            return
+        if trainer.state.fn != TrainerFn.FITTING:  # `validate`/`test` have nothing to resume: keep the folder as is
             return
         folder = self._folder(trainer)
         if folder is None:

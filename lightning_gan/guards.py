@@ -14,6 +14,7 @@ before a checkpoint is written and when a loss is non-finite: a non-finite weigh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -45,10 +46,12 @@ def _loss(network: str) -> str:
 
 
 def _advice(network: str) -> str:
-    lr = " or ".join(f"--model.init_args.{name}_optimizer.init_args.lr" for name in network.split(" and "))
+    optimizers = ", ".join(f"{name}_optimizer=..." for name in network.split(" and "))
     return (
-        f"The checkpoints written before are intact: resume from the last one with a lower learning rate ({lr}), or "
-        "set --model.init_args.nonfinite=skip to leave out updates with a non-finite loss and count them."
+        "The checkpoints written before are intact. Resuming one (--ckpt_path) restores its optimizers' state and "
+        "learning rates, and so replays this run: to go on with a lower learning rate, start a new fit from its "
+        f"weights (`GAN.load_from_checkpoint(path, {optimizers})`, then `Trainer.fit` without `ckpt_path`); or "
+        "resume with --model.init_args.nonfinite=skip to leave out updates with a non-finite loss and count them."
     )
 
 
@@ -143,12 +146,9 @@ class NonFiniteGuard:
             )
 
 
-def check_architecture(gan: GAN, checkpoint: dict[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the mismatched weights and the fix when ``checkpoint`` was written by other
-    networks (skipped when ``gan.strict_loading`` is off)."""
-    saved = checkpoint.get("state_dict")
-    if not gan.strict_loading or not isinstance(saved, dict):
-        return
+def check_architecture(gan: GAN, saved: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the mismatched weights and the fix when the state dict ``saved`` was written by
+    other networks."""
     own = gan.state_dict()
     problems = [f"{key} is missing from the checkpoint" for key in own if key not in saved]
     problems += [f"{key} is in the checkpoint but not in this model" for key in saved if key not in own]

@@ -12,7 +12,7 @@ multiples of S.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -46,6 +46,10 @@ def _paper_sgd(params: Any) -> Optimizer:
 
 def _do_nothing() -> None:
     return None
+
+
+def _keep_loaded_output_bias(module: nn.Module, incompatible_keys: Any) -> None:
+    module._output_bias_set = True
 
 
 class _StackedSteps(Callback):
@@ -169,6 +173,9 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
+        # Whether the generator's output bias came from the data, or weights were loaded: then a later fit keeps it.
+        self._output_bias_set = False
+        self.register_load_state_dict_post_hook(_keep_loaded_output_bias)
         self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
     # ------------------------------------------------------------------ losses (override to change the game)
@@ -245,7 +252,12 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             trainer.callbacks.insert(0, _StackedSteps())  # first: callbacks that log as a batch starts see its count
         if stage == "fit" and self.cuda_graph:
             self._check_cuda_graph_fits()
-        if stage == "fit" and trainer.ckpt_path is None and getattr(self.generator, "output_bias_from_data", False):
+        if (
+            stage == "fit"
+            and trainer.ckpt_path is None
+            and not self._output_bias_set
+            and getattr(self.generator, "output_bias_from_data", False)
+        ):
             self._init_output_bias_from_data()
 
     def _init_output_bias_from_data(self) -> None:
@@ -261,6 +273,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self.generator.init_output_bias(marginals)
         if self.generator_ema is not None:
             self.generator_ema.init_output_bias(marginals)
+        self._output_bias_set = True
 
     @property
     def _one_pass(self) -> bool:
@@ -274,6 +287,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def on_train_start(self) -> None:
         self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
         self._catch_up_momentum_ramp()
+        self._continue_average(self.generator_updates)
         self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
         self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
         self._start_cuda_graphs()
@@ -521,13 +535,18 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
             states = [None] * trainer.world_size
             torch.distributed.all_gather_object(states, rng_state(self.device))
-        checkpoint["lightning_gan"] = {"rng_states": states, "skipped_updates": self.skipped_updates}
+        checkpoint["lightning_gan"] = {
+            "rng_states": states,
+            "skipped_updates": self.skipped_updates,
+            "ema_updates": self._ema_updates,
+        }
         self._checkpoint_as_eager(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the networks fit the checkpoint; when fitting, restore this rank's random state (exact resume)."""
-        self._fit_average_to(checkpoint)
-        check_architecture(self, checkpoint)
+        """Fit the generator average to the checkpoint; when fitting, restore this rank's random state (exact
+        resume). The networks are checked against its weights when they load (:meth:`load_state_dict`)."""
+        self._fit_average_to(checkpoint, int(checkpoint.get("global_step", 0)) // self.k)
+        self._output_bias_set = True  # trained weights: a fit without `ckpt_path` keeps them
         if self._graphs is not None:
             self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
         state = checkpoint.get("lightning_gan") or {}
@@ -543,6 +562,13 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             )
         if self.global_rank < len(states):
             set_rng_state(states[self.global_rank], self.device)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a strict load of other networks' weights raises a ``ValueError`` that
+        names them and the fix (Lightning loads strictly unless ``strict_loading`` or ``strict=False`` say not)."""
+        if strict:
+            check_architecture(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:

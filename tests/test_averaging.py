@@ -114,6 +114,20 @@ def test_the_average_follows_every_generator_update(tmp_path: Path, schedule: st
         torch.testing.assert_close(gan.generator_ema.get_buffer(name), buffer, rtol=0, atol=0)
 
 
+def test_a_second_fit_goes_on_averaging(tmp_path: Path) -> None:
+    first, second = RecordGenerator(), RecordGenerator()
+    gan = make_gan(ema_decay=0.5, generator=NormalisedNoiseGenerator())
+    fit(gan, tmp_path / "first", callbacks=[first])
+    fit(gan, tmp_path / "second", callbacks=[second])  # a new Trainer: its global_step starts at 0 again
+    expected = first.states[0]
+    for n, state in enumerate(first.states[1:] + second.states[1:], start=1):
+        expected = [a + average_weight(0.5, n) * (p - a) for a, p in zip(expected, state, strict=True)]
+    for average, by_hand in zip(generator_params(gan, "generator_ema"), expected, strict=True):
+        torch.testing.assert_close(average, by_hand)
+    saved = torch.load(tmp_path / "second" / "checkpoints" / f"epoch=0-step={BATCHES}.ckpt", weights_only=True)
+    assert saved["lightning_gan"]["ema_updates"] == 2 * BATCHES
+
+
 def test_the_average_leaves_training_untouched(tmp_path: Path) -> None:
     plain, averaged = make_gan(), make_gan(ema_decay=0.9)
     fit(plain, tmp_path / "plain")

@@ -304,6 +304,23 @@ def test_the_output_bias_starts_at_the_training_marginals_and_is_kept_on_resume(
     assert not torch.allclose(saved, expected.float())
 
 
+def test_a_later_fit_keeps_trained_or_loaded_output_biases(tmp_path: Path) -> None:
+    gan = marginal_gan()
+    quiet_trainer(max_steps=2, default_root_dir=tmp_path).fit(gan, datamodule=Marginals())
+    trained = gan.generator.output_layer.bias.detach().clone()
+    expected = torch.logit(torch.tensor([0.2, 0.5, 0.9, 0.0]).clamp(1e-7, 1 - 1e-7))
+    assert not torch.allclose(trained, expected)
+
+    again = BiasAtStart()  # fine-tuning the same module: no `ckpt_path`, but trained weights
+    quiet_trainer(max_steps=1, callbacks=[again], default_root_dir=tmp_path).fit(gan, datamodule=Marginals())
+    torch.testing.assert_close(again.bias, trained, rtol=0, atol=0)
+
+    loaded, start = marginal_gan(), BiasAtStart()
+    loaded.load_state_dict(gan.state_dict())
+    quiet_trainer(max_steps=1, callbacks=[start], default_root_dir=tmp_path).fit(loaded, datamodule=Marginals())
+    torch.testing.assert_close(start.bias, gan.generator.output_layer.bias.detach(), rtol=0, atol=0)
+
+
 def test_the_output_bias_without_a_pixel_mean_warns_and_stays() -> None:
     gan = marginal_gan()
     initial = gan.generator.output_layer.bias.detach().clone()

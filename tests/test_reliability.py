@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_NETS, quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
@@ -180,6 +181,21 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> N
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+class SignalWhileValidating(Callback):
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        trainer._signal_connector.received_sigterm = True
+
+
+def test_a_signal_stops_validate_without_writing_a_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    trainer = quiet_trainer(
+        default_root_dir=tmp_path, limit_val_batches=2, callbacks=[SignalWhileValidating(), InterruptCheckpoint(folder)]
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.validate(tiny_gan(), datamodule=TinyData())
+    assert not folder.exists()  # a fit's interrupted.ckpt there would have been overwritten
+
+
 def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
     data = TensorDataset(torch.arange(18.0))
 
@@ -221,6 +237,23 @@ def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -
     hparams = GANDataModule(data_dir=tmp_path, download=False).hparams
     torch.save(dict(hparams), tmp_path / "hparams.pt")
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["data_dir"] == str(tmp_path)
+
+
+class WithAuxiliaryHead(GAN):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aux_head = torch.nn.Linear(2, 2)
+
+
+def test_a_checkpoint_of_other_networks_loads_with_strict_false_and_is_named_otherwise(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=1)
+    path = tmp_path / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    nets = {"generator": tiny_nets()[0], "discriminator": tiny_nets()[1]}
+    with pytest.raises(ValueError, match=r"another architecture: aux_head.weight is missing from the checkpoint"):
+        WithAuxiliaryHead.load_from_checkpoint(path, **nets)
+    loaded = WithAuxiliaryHead.load_from_checkpoint(path, strict=False, **nets)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in saved.items())
 
 
 def test_evaluation_and_figures_leave_the_training_random_stream_alone(mnist_root: Path, tmp_path: Path) -> None:
@@ -337,6 +370,27 @@ def test_stop_names_the_step_and_network_and_keeps_the_last_good_checkpoint(
     assert saved_steps(tmp_path) == [1, 2, 3]  # nothing after the bad step; no interruption checkpoint either
     last = torch.load(tmp_path / "checkpoints" / "epoch=0-step=3.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+class StateAtStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.lr = pl_module._optimizer(0).param_groups[0]["lr"]
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_the_stop_advice_gives_a_new_fit_from_the_last_weights_at_a_lower_learning_rate(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteError, match=r"GAN\.load_from_checkpoint\(path, discriminator_optimizer=\.\.\.\)"):
+        fit(tmp_path, gan=nan_gan({"discriminator": {3}}), checkpoint=every_step(tmp_path))
+    path = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"
+    lower = functools.partial(torch.optim.SGD, lr=0.001, momentum=0.5)
+    gan = GAN.load_from_checkpoint(
+        path, generator=tiny_nets()[0], discriminator=tiny_nets()[1], discriminator_optimizer=lower
+    )
+    start = StateAtStart()
+    quiet_trainer(max_steps=2, callbacks=[start], default_root_dir=tmp_path / "new").fit(gan, datamodule=TinyData())
+    assert start.lr == 0.001
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(start.weights[key], value) for key, value in saved.items())
 
 
 def test_skip_leaves_updates_out_counts_them_and_resumes_the_count(tmp_path: Path) -> None:
@@ -579,6 +633,28 @@ def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Pa
     with time_limit(120):
         trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH))
     # without the agreement rank 0 would stop alone at step 4 and hang in the checkpoint's collectives
+    assert (tmp_path / "stop0").read_text() == (tmp_path / "stop1").read_text() == "6"
+
+
+class SignalOnRankZeroWhileValidating(Callback):
+    """Rank 0 alone gets the stop signal after the first batch of the first validation."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_rank == 0 and not trainer.sanity_checking and trainer.current_epoch == 0 and batch_idx == 0:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_signal_on_one_ddp_rank_while_validating_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    seed_everything(0, verbose=False)
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp_fork", max_epochs=3, limit_val_batches=2, num_sanity_val_steps=0,
+        default_root_dir=tmp_path, enable_checkpointing=False,
+        callbacks=[SignalOnRankZeroWhileValidating(), InterruptCheckpoint(sync_every_n_steps=2), RecordStop(tmp_path)],
+    )  # fmt: skip
+    with time_limit(120):
+        trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH, batch_size=2))
+    # without holding the flag back rank 0 would leave validation alone and hang in the checkpoint's collectives
+    # each rank's epoch is BATCHES_PER_EPOCH steps (5): the ranks agree at the next multiple of 2
     assert (tmp_path / "stop0").read_text() == (tmp_path / "stop1").read_text() == "6"
 
 
