@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def update_left_out(gan: GAN) -> Iterator[None]:
     capturable = GraphedUpdates.capturable
     GraphedUpdates.capturable = staticmethod(lambda real: False)
     try:
-        yield
+        with warnings.catch_warnings():  # the decays step while no optimizer does, which torch warns about
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+            yield
     finally:
         GraphedUpdates.capturable = capturable
 

@@ -72,6 +72,23 @@ class SaveRunConfig(SaveConfigCallback):
     offline_notice: bool = False
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.loggers and not self.already_saved:
+            # Without a logger every run writes into `default_root_dir`, with no folder of its own.
+            if stage != "fit":
+                return  # `validate`/`test` there would overwrite the config of the fit they evaluate
+            if not self.config.get("ckpt_path"):  # a resume goes on in the folder of the run it resumes
+                path = run_dir(trainer) / self.config_filename
+                if trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False):
+                    raise RuntimeError(
+                        f"{path} holds the config of an earlier run: without a logger (`--trainer.logger=false`) runs "
+                        "write their config.yaml, checkpoints and figures into `--trainer.default_root_dir`. Give "
+                        "this run a folder of its own (`--trainer.default_root_dir=DIR`), resume the earlier run "
+                        "(`--ckpt_path`), or remove that folder's files."
+                    )
+        super().setup(trainer, pl_module, stage)
+
+    @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,6 +141,20 @@ class GANCLI(LightningCLI):
         parser.set_defaults(
             {"trainer.logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir="lightning_logs")}
         )
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Instantiate the config's classes; a value that one refuses (a ``ValueError`` from its ``__init__``, which
+        jsonargparse wraps in its own) ends as a mistyped key does: a usage error naming the problem, no traceback."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if root is err or not isinstance(root, ValueError):
+                raise
+            self.parser.error(str(root))
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

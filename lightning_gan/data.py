@@ -235,7 +235,15 @@ class GANDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loader = self._dataloader("train", self.steps_per_batch)
         ranks = self.trainer.world_size if self.trainer is not None else 1
-        batches = -(-len(self._split("train").images) // ranks) // self.batch_size  # per rank, as DDP shards it
+        images = len(self._split("train").images)
+        batches = -(-images // ranks) // self.batch_size  # per rank, as DDP shards it
+        if batches < self.steps_per_batch:
+            per_rank = f", {-(-images // ranks)} per process," if ranks > 1 else ""
+            need = f"{self.steps_per_batch} batches (`steps_per_batch`) of " if self.steps_per_batch > 1 else ""
+            raise ValueError(
+                f"The training split has {images} images{per_rank} too few for {need}`batch_size={self.batch_size}`: "
+                "an epoch would make no training step. Lower them."
+            )
         if batches % self.steps_per_batch:
             rank_zero_warn(
                 f"`steps_per_batch={self.steps_per_batch}` does not divide the {batches} training batches of an epoch: "

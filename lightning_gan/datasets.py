@@ -108,6 +108,17 @@ def load_mnist(root: str | Path, download: bool = True) -> Splits:
         ValueError: when a file is truncated or corrupt.
     """
     raw = Path(root) / "MNIST" / "raw"
+    if not raw.is_dir() and (Path(root) / next(iter(MNIST_FILES))).is_file():  # before a download makes folders there
+        folder = Path(root).resolve()
+        fix = (
+            f"set `data_dir` (--data.data_dir) to {folder.parent.parent}"
+            if folder.name == "raw" and folder.parent.name == "MNIST"
+            else f"move the files into {folder / 'MNIST' / 'raw'}"
+        )
+        raise FileNotFoundError(
+            f"MNIST's IDX files are in {folder} itself, but `data_dir` is the folder that holds MNIST/raw/ "
+            f"(torchvision's layout): {fix}."
+        )
 
     def fetch() -> None:
         MNIST(str(root), train=True, download=True)

@@ -48,8 +48,8 @@ def _do_nothing() -> None:
     return None
 
 
-def _keep_loaded_output_bias(module: nn.Module, incompatible_keys: Any) -> None:
-    module._output_bias_set = True
+def _mark_weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+    module._fresh_weights = False
 
 
 class _StackedSteps(Callback):
@@ -173,9 +173,10 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
-        # Whether the generator's output bias came from the data, or weights were loaded: then a later fit keeps it.
-        self._output_bias_set = False
-        self.register_load_state_dict_post_hook(_keep_loaded_output_bias)
+        # Initial weights: neither trained (a fit started) nor loaded. A fit sets the generator's output bias from the
+        # data only for them; validating or testing them gets a warning.
+        self._fresh_weights = True
+        self.register_load_state_dict_post_hook(_mark_weights_loaded)
         self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
     # ------------------------------------------------------------------ losses (override to change the game)
@@ -248,6 +249,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
             # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+        self._check_image_shape(trainer.datamodule)
         if stage == "fit" and not any(isinstance(callback, _StackedSteps) for callback in trainer.callbacks):
             trainer.callbacks.insert(0, _StackedSteps())  # first: callbacks that log as a batch starts see its count
         if stage == "fit" and self.cuda_graph:
@@ -255,10 +257,24 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         if (
             stage == "fit"
             and trainer.ckpt_path is None
-            and not self._output_bias_set
+            and self._fresh_weights
             and getattr(self.generator, "output_bias_from_data", False)
         ):
             self._init_output_bias_from_data()
+
+    def _check_image_shape(self, datamodule: Any) -> None:
+        """Refuse networks built for images of another shape than the datamodule's, naming the key to set."""
+        images = getattr(getattr(getattr(datamodule, "splits", None), "train", None), "images", None)
+        if not isinstance(images, Tensor):
+            return
+        shape = tuple(images.shape[1:])
+        for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
+            built_for = getattr(getattr(self, name), attribute, None)
+            if built_for is not None and tuple(built_for) != shape:
+                raise ValueError(
+                    f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: set "
+                    f"`model.init_args.{name}.init_args.{attribute}` to {list(shape)}."
+                )
 
     def _init_output_bias_from_data(self) -> None:
         datamodule = self._trainer.datamodule if self._trainer is not None else None
@@ -273,7 +289,6 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self.generator.init_output_bias(marginals)
         if self.generator_ema is not None:
             self.generator_ema.init_output_bias(marginals)
-        self._output_bias_set = True
 
     @property
     def _one_pass(self) -> bool:
@@ -285,6 +300,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._check_average_precision()
 
     def on_train_start(self) -> None:
+        self._fresh_weights = False
         self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
         self._catch_up_momentum_ramp()
         self._continue_average(self.generator_updates)
@@ -546,7 +562,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         """Fit the generator average to the checkpoint; when fitting, restore this rank's random state (exact
         resume). The networks are checked against its weights when they load (:meth:`load_state_dict`)."""
         self._fit_average_to(checkpoint, int(checkpoint.get("global_step", 0)) // self.k)
-        self._output_bias_set = True  # trained weights: a fit without `ckpt_path` keeps them
+        self._fresh_weights = False
         if self._graphs is not None:
             self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
         state = checkpoint.get("lightning_gan") or {}
@@ -584,6 +600,20 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         d_loss = self.discriminator_loss(real_logits, fake_logits)
         d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), d_real, d_fake)
+
+    def on_validation_start(self) -> None:
+        self._warn_if_untrained("validate")
+
+    def on_test_start(self) -> None:
+        self._warn_if_untrained("test")
+
+    def _warn_if_untrained(self, stage: str) -> None:
+        if self._fresh_weights and self.trainer.state.fn != TrainerFn.FITTING:
+            rank_zero_warn(
+                f"GAN: {stage} runs on initial weights, neither trained nor loaded from a checkpoint: pass one "
+                f"(`lightning-gan {stage} --ckpt_path PATH`, `trainer.{stage}(..., ckpt_path=PATH)`) to measure a "
+                "trained GAN."
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch, batch_idx, "val")

@@ -119,6 +119,11 @@ def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[
         ("--model.init_args.schedule=sometimes", "schedule"),
         ("--data.init_args.dataset=imagenet", "dataset"),
         ("--model.init_args.discriminator_optimizer.init_args.lr=-0.1", "positive learning rate"),
+        ("--data.init_args.batch_size=60000", "too few for `batch_size=60000`"),
+        (
+            "--model.init_args.discriminator.init_args.in_shape=[1,32,32]",
+            "set `model.init_args.discriminator.init_args.in_shape` to [1, 28, 28]",
+        ),
     ],
 )
 def test_bad_input_fails_before_training(
@@ -129,6 +134,29 @@ def test_bad_input_fails_before_training(
     text = str(error.value) + capsys.readouterr().err
     assert message in text
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_value_a_class_refuses_is_a_usage_error_as_a_mistyped_key_is(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for override in ("--data.init_args.batch_size=0", "--data.init_args.batchsize=100"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(fit_args(mnist_root, tmp_path, override))
+        assert exit_info.value.code == 2
+    errors = capsys.readouterr().err
+    assert errors.count("usage: ") == 2
+    assert "error: Expected `batch_size` >= 1, but got 0." in errors
+
+
+def test_runs_without_a_logger_never_overwrite_another_runs_config(mnist_root: Path, tmp_path: Path) -> None:
+    build_cli(fit_args(mnist_root, tmp_path))  # --trainer.logger=false: the run's files go to default_root_dir
+    config = (tmp_path / "config.yaml").read_text()
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    with pytest.raises(RuntimeError, match="holds the config of an earlier run"):
+        build_cli(fit_args(mnist_root, tmp_path, "--model.init_args.k=2", "--model.init_args.schedule=alternating"))
+    build_cli(["validate", *fit_args(mnist_root, tmp_path)[1:], f"--ckpt_path={checkpoint}"])
+    assert (tmp_path / "config.yaml").read_text() == config
+    assert list(tmp_path.rglob("*.ckpt")) == [checkpoint]
 
 
 def test_predict_is_not_offered(capsys: pytest.CaptureFixture[str]) -> None:

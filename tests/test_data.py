@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def test_missing_files_name_the_folder_and_the_files(tmp_path: Path) -> None:
     message = str(error.value)
     assert str((tmp_path / "MNIST" / "raw").resolve()) in message
     assert all(name in message for name in MNIST_FILES)
+
+
+def test_a_data_dir_that_is_the_raw_folder_itself_is_named_with_the_fix(mnist_root: Path) -> None:
+    raw = mnist_root / "MNIST" / "raw"
+    fix = re.escape(f"set `data_dir` (--data.data_dir) to {mnist_root.resolve()}")
+    with pytest.raises(FileNotFoundError, match=fix):
+        GANDataModule(data_dir=raw).prepare_data()  # download allowed: nothing is fetched or created there
+    assert not (raw / "MNIST").exists()
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -328,6 +329,19 @@ def test_the_output_bias_without_a_pixel_mean_warns_and_stays() -> None:
     with pytest.warns(UserWarning, match="has no `pixel_mean"):
         trainer(max_steps=1, callbacks=[start]).fit(gan, loader())
     torch.testing.assert_close(start.bias, initial, rtol=0, atol=0)
+
+
+def test_evaluating_initial_weights_warns_and_trained_or_loaded_ones_do_not() -> None:
+    gan = tiny_gan()
+    with pytest.warns(UserWarning, match="validate runs on initial weights"):
+        trainer(limit_val_batches=1).validate(gan, loader(), verbose=False)
+    trainer(max_steps=1).fit(gan, loader())  # no warning from the sanity check before training either
+    loaded = tiny_gan()
+    loaded.load_state_dict(gan.state_dict())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "GAN: .* initial weights")
+        trainer(limit_test_batches=1).test(gan, loader(), verbose=False)
+        trainer(limit_test_batches=1).test(loaded, loader(), verbose=False)
 
 
 def test_validation_logs_losses_reproducibly() -> None:

@@ -154,7 +154,8 @@ def test_the_fast_mnist_config_trains_the_same_stacked_on_real_mnist(real_mnist_
         cli = build_cli(
             [
                 "fit", "--config", str(CONFIGS / "mnist_fast.yaml"), f"--data.init_args.data_dir={real_mnist_root}",
-                f"--data.init_args.steps_per_batch={steps_per_batch}", f"--trainer.default_root_dir={tmp_path}",
+                f"--data.init_args.steps_per_batch={steps_per_batch}",
+                f"--trainer.default_root_dir={tmp_path / str(steps_per_batch)}",
                 "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=30",
                 "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.enable_checkpointing=false",
             ]
