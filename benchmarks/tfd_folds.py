@@ -49,14 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoints_per_fold(paths: list[Path], train_set: str) -> list[Path]:
+def trained_on(path: Path, default: str) -> str:
+    """The TFD rows a checkpoint's model trained on, as its datamodule recorded them (else ``default``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the weights stay on disk
+    return (checkpoint.get("datamodule_hyper_parameters") or {}).get("tfd_train_set", default)
+
+
+def checkpoints_per_fold(paths: list[Path], config_train_set: str) -> list[Path]:
     """The checkpoint each fold is evaluated with; refuses one shared model that has seen labelled rows."""
     if len(paths) not in (1, TFD_FOLDS):
         raise SystemExit(f"Give one checkpoint, or one per fold ({TFD_FOLDS}), but got {len(paths)}.")
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise SystemExit(f"No checkpoint at {', '.join(missing)}.")
-    if len(paths) == 1 and train_set != "unlabeled":
+    if len(paths) == 1 and (train_set := trained_on(paths[0], config_train_set)) != "unlabeled":
         raise SystemExit(
             f"The model trained on fold rows ({train_set!r}), which are other folds' test rows: give one checkpoint "
             f"per fold (--ckpt-path fold0.ckpt ... fold{TFD_FOLDS - 1}.ckpt), or evaluate a model trained on the "
@@ -77,11 +83,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     rows: list[dict[str, float]] = []
+    ckpt_paths: list[Path] = []
     for fold in range(TFD_FOLDS):
         cli = load_cli(args.config, args.data_dir, f"--data.init_args.fold={fold}", *args.cli_overrides)
         if cli.datamodule.dataset != "tfd":
             raise SystemExit(f"{args.config} trains on {cli.datamodule.dataset!r}: give a TFD config.")
-        ckpt_path = checkpoints_per_fold(args.ckpt_path, cli.datamodule.tfd_train_set)[fold]
+        ckpt_paths = ckpt_paths or checkpoints_per_fold(args.ckpt_path, cli.datamodule.tfd_train_set)
+        ckpt_path = ckpt_paths[fold]
         parzen = ParzenEvaluation(num_samples=args.num_samples, val_size=None)  # the fold's whole valid set
         trainer = bench_trainer(accelerator, [parzen], limit_test_batches=1)  # the Parzen number reads all test rows
         trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)

@@ -196,4 +196,5 @@ class ParzenEvaluation(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sigma = state_dict.get("sigma")
-        self._chosen_for = state_dict.get("chosen_for")
+        # saved before fingerprints: what its sigma was chosen on is unknown, so `test` chooses it again
+        self._chosen_for = state_dict.get("chosen_for", "unknown")

@@ -121,6 +121,7 @@ class InterruptCheckpoint(Callback):
         self.filename = filename
         self._trainer: Trainer | None = None
         self._previous_handler: Any = None
+        self._previous_sigterm_handler: Any = None
         self._ctrl_c_seen = False
 
     def _folder(self, trainer: Trainer) -> Path | None:
@@ -148,6 +149,16 @@ class InterruptCheckpoint(Callback):
         self._synced_interval = trainer.global_step // self.sync_every_n_steps
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+            if trainer.world_size > 1:
+                # Under DDP, take a SIGTERM's flag from Lightning's handler as it arrives, wherever the loop is (the
+                # hooks below cannot run between a validation's last callback and Lightning's check of the flag).
+                self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if callable(self._previous_sigterm_handler):  # Lightning's: sets its flag (and tells the other processes)
+            self._previous_sigterm_handler(signum, frame)
+        if self._trainer is not None:
+            self._hold_back_signal(self._trainer)
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
         if self._ctrl_c_seen or self._trainer is None:
@@ -159,7 +170,9 @@ class InterruptCheckpoint(Callback):
         )
         # Lightning's own SIGTERM flag: checked (and, under DDP, broadcast from rank 0) after every step
         connector = getattr(self._trainer, "_signal_connector", None)
-        if connector is not None and hasattr(connector, "received_sigterm"):
+        if self._trainer.world_size > 1:
+            self._stop_requested = True  # the ranks agree on it first (see on_train_batch_end)
+        elif connector is not None and hasattr(connector, "received_sigterm"):
             connector.received_sigterm = True
         else:  # a Lightning without that flag: let its SIGTERM handler do the same
             os.kill(os.getpid(), signal.SIGTERM)
@@ -185,7 +198,13 @@ class InterruptCheckpoint(Callback):
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
     ) -> None:
-        # Lightning also stops a validation loop between batches; the ranks then agree at the next training step
+        # Lightning also stops a validation loop between batches, and checks again after it; the ranks then agree at
+        # the next training step
+        if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
+            self._hold_back_signal(trainer)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1 and trainer.state.fn == TrainerFn.FITTING:
             self._hold_back_signal(trainer)
 
@@ -197,9 +216,12 @@ class InterruptCheckpoint(Callback):
             self._stop_requested, connector.received_sigterm = True, False
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_handler)
-        self._previous_handler, self._trainer = None, None
+        if threading.current_thread() is threading.main_thread():
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGINT, self._previous_handler)
+            if self._previous_sigterm_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+        self._previous_handler = self._previous_sigterm_handler = self._trainer = None
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

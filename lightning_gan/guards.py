@@ -48,10 +48,11 @@ def _loss(network: str) -> str:
 def _advice(network: str) -> str:
     optimizers = ", ".join(f"{name}_optimizer=..." for name in network.split(" and "))
     return (
-        "The checkpoints written before are intact. Resuming one (--ckpt_path) restores its optimizers' state and "
-        "learning rates, and so replays this run: to go on with a lower learning rate, start a new fit from its "
-        f"weights (`GAN.load_from_checkpoint(path, {optimizers})`, then `Trainer.fit` without `ckpt_path`); or "
-        "resume with --model.init_args.nonfinite=skip to leave out updates with a non-finite loss and count them."
+        "The checkpoints written before are intact. Resuming one replays this run: its optimizers' state and learning "
+        "rates come back (and, through `lightning-gan fit --ckpt_path`, the model settings it was saved with). To go "
+        "on from its weights with a lower learning rate, or with nonfinite=skip (updates with a non-finite loss left "
+        f"out and counted), start a new fit: `GAN.load_from_checkpoint(path, {optimizers}, nonfinite='skip')`, then "
+        "`Trainer.fit` without `ckpt_path`; or a new run with --model.init_args.nonfinite=skip."
     )
 
 

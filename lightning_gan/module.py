@@ -12,6 +12,7 @@ multiples of S.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -269,12 +270,18 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             return
         shape = tuple(images.shape[1:])
         for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
-            built_for = getattr(getattr(self, name), attribute, None)
-            if built_for is not None and tuple(built_for) != shape:
-                raise ValueError(
-                    f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: set "
-                    f"`model.init_args.{name}.init_args.{attribute}` to {list(shape)}."
-                )
+            network = getattr(self, name)
+            built_for = getattr(network, attribute, None)
+            if built_for is None or tuple(built_for) == shape:
+                continue
+            fix = (
+                f"set `model.init_args.{name}.init_args.{attribute}` to {list(shape)}"
+                if attribute in inspect.signature(type(network)).parameters
+                else f"choose the arguments of {type(network).__name__} that make its `{attribute}` {list(shape)}"
+            )
+            raise ValueError(
+                f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: {fix}."
+            )
 
     def _init_output_bias_from_data(self) -> None:
         datamodule = self._trainer.datamodule if self._trainer is not None else None

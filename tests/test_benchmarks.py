@@ -50,11 +50,16 @@ def test_tfd_folds_evaluates_each_fold_and_combines_them(tmp_path: Path) -> None
         f"--data.init_args.data_dir={tmp_path}", "--data.init_args.batch_size=10", "--trainer.logger=false",
         "--trainer.accelerator=cpu", *TINY_NETS, "--model.init_args.generator.init_args.output_sparse_init=10",
     ]  # fmt: skip
-    build_cli(
-        ["fit", f"--config={CONFIGS / 'tfd.yaml'}", *common, f"--trainer.default_root_dir={tmp_path / 'run'}",
-         "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
-    )  # fmt: skip
-    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+
+    def fit(run: str, *extra: str) -> Path:
+        build_cli(
+            ["fit", f"--config={CONFIGS / 'tfd.yaml'}", *common, f"--trainer.default_root_dir={tmp_path / run}",
+             "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", *extra]
+        )  # fmt: skip
+        (checkpoint,) = (tmp_path / run).rglob("*.ckpt")
+        return checkpoint
+
+    checkpoint = fit("unlabeled")
     script = load_script("tfd_folds")
     flags = [f"--ckpt-path={checkpoint}", f"--data-dir={tmp_path}", f"--out={tmp_path}", "--num-samples=200"]
     rows = script.main([*flags, "--accelerator=cpu", "--", *common[4:]])
@@ -70,6 +75,7 @@ def test_tfd_folds_evaluates_each_fold_and_combines_them(tmp_path: Path) -> None
         assert [float(r["test_ll"]) for r in csv.DictReader(f)] == lls
     assert f"Mean over folds: {mean:.2f} ± {se:.2f}" in (tmp_path / "tfd_folds.md").read_text()
 
-    # a model trained on one fold's labelled rows has seen other folds' test rows
+    # a model trained on one fold's labelled rows has seen other folds' test rows (the checkpoint says so)
+    labelled = fit("labelled", "--data.init_args.tfd_train_set=train")
     with pytest.raises(SystemExit, match="one checkpoint per fold"):
-        script.main([*flags, "--", *common[4:], "--data.init_args.tfd_train_set=train"])
+        script.main([f"--ckpt-path={labelled}", *flags[1:], "--", *common[4:]])

@@ -386,3 +386,18 @@ def test_fit_cifar10_conv_config(cifar10_root: Path, tmp_path: Path) -> None:
     )
     assert cli.trainer.global_step == 1
     assert cli.model.generator.out_shape == (3, 32, 32) and cli.datamodule.preprocessing == "gcn"
+
+
+def test_a_generator_built_for_another_image_shape_is_named_with_what_to_change(
+    cifar10_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"\(3, 26, 26\), but the data.s are \(3, 32, 32\): choose the arguments"):
+        run_config(
+            "cifar10_conv.yaml",
+            cifar10_root,
+            tmp_path,
+            "--model.init_args.generator.init_args.hidden_sizes=[32,128]",
+            "--model.init_args.generator.init_args.base_shape=[2,8,8]",  # (8 - 1) * 3 + 5 = 26 pixels a side
+            "--model.init_args.discriminator.init_args.channels=[4,4,8]",
+            "--model.init_args.discriminator.init_args.units=[16]",
+        )

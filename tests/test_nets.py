@@ -33,6 +33,13 @@ def test_maxout_sends_each_units_gradient_to_its_winning_piece_only() -> None:
     expected_bias_grad = torch.tensor([0.0, 100, 1, 1010, 0, 0])
     torch.testing.assert_close(layer.linear.bias.grad, expected_bias_grad)
 
+    tied = Maxout(in_features=1, units=1, pieces=3)
+    with torch.no_grad():
+        tied.linear.weight.copy_(torch.tensor([[1.0], [1.0], [-1.0]]))  # pieces 0 and 1 tie exactly
+        tied.linear.bias.zero_()
+    tied(torch.tensor([[2.0]])).backward(torch.tensor([[1.0]]))
+    assert sorted(tied.linear.bias.grad.tolist()) == [0.0, 0.0, 1.0]  # all to one winner, not split between them
+
 
 def test_discriminator_dropout_is_inverted_with_the_papers_keep_probabilities() -> None:
     d = MaxoutDiscriminator(in_shape=(1, 4, 4), units=(3, 3), pieces=2)

@@ -155,6 +155,11 @@ def test_a_selected_sigma_is_selected_again_for_another_generator_or_validation_
     assert restored.epochs == []
     assert restored.sigma == callback.sigma
 
+    older = CountSelections(num_samples=300, val_size=30, test_size=20, chunk_size=100, sigmas=[0.05, 0.2, 0.8])
+    older.load_state_dict({"sigma": 0.3})  # a checkpoint from before fingerprints: chosen on what, no one knows
+    quiet_trainer(callbacks=[older], limit_test_batches=1).test(gan, datamodule=dm, verbose=False)
+    assert len(older.epochs) == 1 and older.sigma == callback.sigma
+
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),

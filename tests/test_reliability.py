@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -184,6 +186,27 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> N
 class SignalWhileValidating(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         trainer._signal_connector.received_sigterm = True
+
+
+def test_under_ddp_a_sigterm_is_held_back_as_it_arrives() -> None:
+    connector = SimpleNamespace(received_sigterm=False)
+    trainer = SimpleNamespace(world_size=2, global_step=0, _signal_connector=connector)
+
+    def lightnings_handler(signum: int, frame: Any) -> None:
+        connector.received_sigterm = True
+
+    before = signal.signal(signal.SIGTERM, lightnings_handler)
+    interrupt = InterruptCheckpoint()
+    try:
+        interrupt.on_train_start(trainer, None)
+        signal.raise_signal(signal.SIGTERM)  # e.g. while another callback ends a validation
+        # Lightning's flag would stop this rank alone: it waits for the ranks' agreement instead
+        assert interrupt._stop_requested and not connector.received_sigterm
+        interrupt.on_train_end(trainer, None)
+        assert signal.getsignal(signal.SIGTERM) is lightnings_handler
+    finally:
+        interrupt._restore_handler()
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_signal_stops_validate_without_writing_a_checkpoint(tmp_path: Path) -> None:
@@ -379,16 +402,16 @@ class StateAtStart(Callback):
 
 
 def test_the_stop_advice_gives_a_new_fit_from_the_last_weights_at_a_lower_learning_rate(tmp_path: Path) -> None:
-    with pytest.raises(NonFiniteError, match=r"GAN\.load_from_checkpoint\(path, discriminator_optimizer=\.\.\.\)"):
+    advice = re.escape("GAN.load_from_checkpoint(path, discriminator_optimizer=..., nonfinite='skip')")
+    with pytest.raises(NonFiniteError, match=advice):
         fit(tmp_path, gan=nan_gan({"discriminator": {3}}), checkpoint=every_step(tmp_path))
     path = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"
     lower = functools.partial(torch.optim.SGD, lr=0.001, momentum=0.5)
-    gan = GAN.load_from_checkpoint(
-        path, generator=tiny_nets()[0], discriminator=tiny_nets()[1], discriminator_optimizer=lower
-    )
+    nets = {"generator": tiny_nets()[0], "discriminator": tiny_nets()[1]}
+    gan = GAN.load_from_checkpoint(path, **nets, discriminator_optimizer=lower, nonfinite="skip")
     start = StateAtStart()
     quiet_trainer(max_steps=2, callbacks=[start], default_root_dir=tmp_path / "new").fit(gan, datamodule=TinyData())
-    assert start.lr == 0.001
+    assert start.lr == 0.001 and gan.nonfinite == "skip"
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(start.weights[key], value) for key, value in saved.items())
 
@@ -637,19 +660,32 @@ def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Pa
 
 
 class SignalOnRankZeroWhileValidating(Callback):
-    """Rank 0 alone gets the stop signal after the first batch of the first validation."""
+    """Rank 0 alone gets the stop signal in the first validation: after its first batch, or as it ends."""
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.global_rank == 0 and not trainer.sanity_checking and trainer.current_epoch == 0 and batch_idx == 0:
+    def __init__(self, when: str) -> None:
+        self.when = when
+
+    def _signal(self, trainer: Trainer) -> None:
+        if trainer.global_rank == 0 and not trainer.sanity_checking and trainer.current_epoch == 0:
             trainer._signal_connector.received_sigterm = True
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.when == "batch" and batch_idx == 0:
+            self._signal(trainer)
 
-def test_a_signal_on_one_ddp_rank_while_validating_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.when == "epoch_end":  # where ParzenEvaluation spends its time
+            self._signal(trainer)
+
+
+@pytest.mark.parametrize("when", ["batch", "epoch_end"])
+def test_a_signal_on_one_ddp_rank_while_validating_stops_every_rank_at_the_same_step(tmp_path: Path, when: str) -> None:
     seed_everything(0, verbose=False)
+    signal_it = SignalOnRankZeroWhileValidating(when)
     trainer = quiet_trainer(
         devices=2, strategy="ddp_fork", max_epochs=3, limit_val_batches=2, num_sanity_val_steps=0,
         default_root_dir=tmp_path, enable_checkpointing=False,
-        callbacks=[SignalOnRankZeroWhileValidating(), InterruptCheckpoint(sync_every_n_steps=2), RecordStop(tmp_path)],
+        callbacks=[signal_it, InterruptCheckpoint(sync_every_n_steps=2), RecordStop(tmp_path)],
     )  # fmt: skip
     with time_limit(120):
         trainer.fit(tiny_gan(), datamodule=TinyData(batches=2 * BATCHES_PER_EPOCH, batch_size=2))
