@@ -150,15 +150,26 @@ class InterruptCheckpoint(Callback):
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
             if trainer.world_size > 1:
-                # Under DDP, take a SIGTERM's flag from Lightning's handler as it arrives, wherever the loop is (the
-                # hooks below cannot run between a validation's last callback and Lightning's check of the flag).
                 self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if callable(self._previous_sigterm_handler):  # Lightning's: sets its flag (and tells the other processes)
-            self._previous_sigterm_handler(signum, frame)
-        if self._trainer is not None:
-            self._hold_back_signal(self._trainer)
+        """Under DDP, in place of Lightning's handler: note the request, for the ranks to agree on at a sync step.
+
+        Lightning's handler sets a flag that stops this rank alone wherever the loop checks it, and broadcasts from
+        inside the signal handler, a collective that deadlocks when another rank waits in one of training's. Like
+        it, pass the signal on to the processes this one launched and call a handler installed before Lightning's.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if not self._stop_requested:
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        self._stop_requested = True
+        original = getattr(trainer._signal_connector, "_original_handlers", {}).get(signal.SIGTERM)
+        if callable(original):
+            original(signum, frame)
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
         if self._ctrl_c_seen or self._trainer is None:

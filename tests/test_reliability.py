@@ -188,11 +188,14 @@ class SignalWhileValidating(Callback):
         trainer._signal_connector.received_sigterm = True
 
 
-def test_under_ddp_a_sigterm_is_held_back_as_it_arrives() -> None:
-    connector = SimpleNamespace(received_sigterm=False)
-    trainer = SimpleNamespace(world_size=2, global_step=0, _signal_connector=connector)
+def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives() -> None:
+    killed: list[int] = []
+    connector = SimpleNamespace(received_sigterm=False, _original_handlers={})
+    launcher = SimpleNamespace(kill=killed.append)
+    strategy = SimpleNamespace(launcher=launcher)
+    trainer = SimpleNamespace(world_size=2, global_step=0, _signal_connector=connector, strategy=strategy)
 
-    def lightnings_handler(signum: int, frame: Any) -> None:
+    def lightnings_handler(signum: int, frame: Any) -> None:  # sets the flag that stops this rank alone
         connector.received_sigterm = True
 
     before = signal.signal(signal.SIGTERM, lightnings_handler)
@@ -200,8 +203,9 @@ def test_under_ddp_a_sigterm_is_held_back_as_it_arrives() -> None:
     try:
         interrupt.on_train_start(trainer, None)
         signal.raise_signal(signal.SIGTERM)  # e.g. while another callback ends a validation
-        # Lightning's flag would stop this rank alone: it waits for the ranks' agreement instead
+        signal.raise_signal(signal.SIGTERM)
         assert interrupt._stop_requested and not connector.received_sigterm
+        assert killed == [signal.SIGTERM]  # passed on once to the processes this one launched
         interrupt.on_train_end(trainer, None)
         assert signal.getsignal(signal.SIGTERM) is lightnings_handler
     finally:
