@@ -91,9 +91,9 @@ class InterruptCheckpoint(Callback):
     * SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current step and stops; this callback then
       saves ``<dirpath>/<filename>.ckpt``. The same for a first Ctrl-C (SIGINT), which this callback turns into the
       same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
-      step). Under DDP, a signal on any rank, while training or validating, stops every rank at the same training
-      step: the ranks agree on it every ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one
-      consistent checkpoint together.
+      step). Under DDP, a signal on any rank, wherever it arrives, stops every rank at the same training step: the
+      ranks agree on it every ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent
+      checkpoint together (there this callback handles SIGTERM in place of Lightning, see :meth:`_on_sigterm`).
     * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.guards.NonFiniteError`), nor when
       ``validate`` or ``test`` is stopped: the checkpoints already written are kept as they are.
 
