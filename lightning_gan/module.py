@@ -255,12 +255,8 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             trainer.callbacks.insert(0, _StackedSteps())  # first: callbacks that log as a batch starts see its count
         if stage == "fit" and self.cuda_graph:
             self._check_cuda_graph_fits()
-        if (
-            stage == "fit"
-            and trainer.ckpt_path is None
-            and self._fresh_weights
-            and getattr(self.generator, "output_bias_from_data", False)
-        ):
+        # A resumed run's weights are restored after setup: for it, this bias is overwritten.
+        if stage == "fit" and self._fresh_weights and getattr(self.generator, "output_bias_from_data", False):
             self._init_output_bias_from_data()
 
     def _check_image_shape(self, datamodule: Any) -> None:

@@ -11,23 +11,23 @@ from torch import nn
 from lightning_gan import Maxout, MaxoutDiscriminator, MLPGenerator
 
 
-def test_maxout_takes_the_max_over_each_units_contiguous_pieces() -> None:
+def maxout_by_hand() -> tuple[Maxout, torch.Tensor]:
+    """A maxout layer whose pieces are, for unit 0, x0, x1, x0 + x1 and, for unit 1, -x0, -x1, 2 x0 - 5; two inputs."""
     layer = Maxout(in_features=2, units=2, pieces=3)
     with torch.no_grad():
         layer.linear.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1], [-1, 0], [0, -1], [2, 0]]))
         layer.linear.bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, -5]))
-    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
-    # by hand: pieces of unit 0 are x0, x1, x0 + x1; of unit 1 are -x0, -x1, 2 x0 - 5
+    return layer, torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+
+
+def test_maxout_takes_the_max_over_each_units_contiguous_pieces() -> None:
+    layer, x = maxout_by_hand()
     expected = torch.tensor([[3.0, -1.0], [0.5, 3.0]])
     torch.testing.assert_close(layer(x), expected)
 
 
 def test_maxout_sends_each_units_gradient_to_its_winning_piece_only() -> None:
-    layer = Maxout(in_features=2, units=2, pieces=3)
-    with torch.no_grad():
-        layer.linear.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1], [-1, 0], [0, -1], [2, 0]]))
-        layer.linear.bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, -5]))
-    x = torch.tensor([[1.0, 2.0], [-3.0, 0.5]])
+    layer, x = maxout_by_hand()
     layer(x).backward(torch.tensor([[1.0, 10.0], [100.0, 1000.0]]))
     # winners: row 0 pieces 2 (x0 + x1) and 3 (-x0); row 1 pieces 1 (x1) and 3 (-x0)
     expected_bias_grad = torch.tensor([0.0, 100, 1, 1010, 0, 0])
