@@ -74,9 +74,15 @@ class StepTimer(Callback):
 @contextlib.contextmanager
 def update_left_out(gan: GAN) -> Iterator[None]:
     """The fast path's loop and bookkeeping with a no-op update, run eagerly on any device."""
-    stats = torch.zeros(4, device=gan.device if gan.device.type != "cpu" else None)
+    stats: dict[torch.device, torch.Tensor] = {}  # made on the batch's device: no copy, no sync per step
+
+    def no_update(real: torch.Tensor, generator_step: bool) -> torch.Tensor:
+        if real.device not in stats:
+            stats[real.device] = torch.zeros(4, device=real.device)
+        return stats[real.device]
+
     gan._graphs_need_cuda = False
-    gan._graph_update = lambda real, generator_step: stats.to(real.device)
+    gan._graph_update = no_update
     capturable = GraphedUpdates.capturable
     GraphedUpdates.capturable = staticmethod(lambda real: False)
     try:
@@ -114,24 +120,39 @@ def lightning_steps_per_s(
     return timer.steps_per_s
 
 
+class ReplayTimer(Callback):
+    """Times the fast path's update replayed alone, at the end of training: before Lightning's teardown moves the
+    model and the optimizers' state to the CPU (which leaves the captured graphs pointing at freed memory)."""
+
+    def __init__(self, steps: int, warmup: int) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.steps_per_s: float | None = None
+
+    def on_train_end(self, trainer, gan) -> None:
+        if gan._graphs is None or gan._graphs.captures == 0:
+            raise RuntimeError(f"the fast path captured no graph in {self.warmup} warm-up steps")
+        dm = trainer.datamodule
+        real = dm.splits.train.images[: dm.batch_size].to(gan.device)
+        # read now: the momentum ramp may have moved at the epoch's end (then the first calls recapture)
+        constants = graph_constants([gan._optimizer(0), gan._optimizer(1)])
+        for _ in range(self.warmup):
+            gan._graphs(real, True, constants)
+        sync(gan.device)
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            gan._graphs(real, True, constants)
+        sync(gan.device)
+        self.steps_per_s = self.steps / (time.perf_counter() - start)
+
+
 def replay_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str, *overrides: str) -> float:
     """Fit the fast path until its update is captured, then time the graph's replays alone (CUDA only)."""
     cli = load(config, data_dir, *overrides)
-    trainer = bench_trainer(device, [], max_steps=warmup)
+    timer = ReplayTimer(steps, warmup)
+    trainer = bench_trainer(device, [timer], max_steps=warmup)
     trainer.fit(cli.model, datamodule=cli.datamodule)
-    gan = cli.model
-    if gan._graphs is None or gan._graphs.captures == 0:
-        raise RuntimeError(f"the fast path captured no graph in {warmup} warm-up steps")
-    real = cli.datamodule.splits.train.images[: cli.datamodule.batch_size].to(device)
-    constants = graph_constants([gan._optimizer(0), gan._optimizer(1)])
-    for _ in range(warmup):
-        gan._graphs(real, True, constants)
-    sync(gan.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        gan._graphs(real, True, constants)
-    sync(gan.device)
-    return steps / (time.perf_counter() - start)
+    assert timer.steps_per_s is not None
+    return timer.steps_per_s
 
 
 def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, device: str) -> float:
@@ -224,30 +245,34 @@ def main() -> None:
         loop_stacked: [],
         **({replay: []} if args.device == "cuda" else {}),
     }
+
+    def record(name: str, steps_per_s: float) -> None:
+        # printed as measured too, so that a run cut short (a lease running out) still leaves its figures
+        runs[name].append(steps_per_s)
+        print(f"{name}: {steps_per_s:.1f} steps/s", flush=True)
+
     for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit every variant alike
         torch.manual_seed(0)
-        runs["plain (same math)"].append(plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
+        record("plain (same math)", plain_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
         torch.manual_seed(0)
-        runs["lightning-gan"].append(lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
+        record("lightning-gan", lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device))
         torch.manual_seed(0)
-        runs[resident].append(
-            lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, FAST_PATH[0])
-        )
-        torch.manual_seed(0)
-        runs[fast].append(
-            lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
+        record(
+            resident, lightning_steps_per_s(args.config, data_dir, args.steps, args.warmup, args.device, FAST_PATH[0])
         )
         measure = (args.config, data_dir, args.steps, args.warmup, args.device, *FAST_PATH)
         torch.manual_seed(0)
-        runs[fast_500].append(lightning_steps_per_s(*measure, log_every_n_steps=500))
+        record(fast, lightning_steps_per_s(*measure))
+        torch.manual_seed(0)
+        record(fast_500, lightning_steps_per_s(*measure, log_every_n_steps=500))
         stacked = (*measure, f"--data.init_args.steps_per_batch={args.stack}")
         torch.manual_seed(0)
-        runs[fast_stacked].append(lightning_steps_per_s(*stacked))
-        runs[loop].append(lightning_steps_per_s(*measure, loop_only=True))
-        runs[loop_stacked].append(lightning_steps_per_s(*stacked, loop_only=True))
+        record(fast_stacked, lightning_steps_per_s(*stacked))
+        record(loop, lightning_steps_per_s(*measure, loop_only=True))
+        record(loop_stacked, lightning_steps_per_s(*stacked, loop_only=True))
         if replay in runs:
             try:
-                runs[replay].append(replay_steps_per_s(*measure))
+                record(replay, replay_steps_per_s(*measure))
             except Exception as err:  # a diagnostic row: report it, keep the table
                 print(f"{replay}: not measured ({type(err).__name__}: {err})")
 

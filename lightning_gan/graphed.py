@@ -258,9 +258,11 @@ class CudaGraphTraining:
         if not self._guard.deferred(self):  # on a GPU the update itself recorded it
             self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)
         self._count_step(d_opt)
-        # The decays write the next learning rates into the device tensors that the graph reads.
-        for decay in self._d_decay + (self._g_decay if generator_step else []):
-            decay.step()
+        # The decays (and other per-update schedulers) write the next learning rates into the device tensors that
+        # the graph reads.
+        self._step_per_update(self._d_decay, step + 1)
+        if generator_step:
+            self._step_per_update(self._g_decay, (step + 1) // self.k)
         if log:
             # copies: the next replay overwrites the graph's outputs
             g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.core.optimizer import LightningOptimizer, LRSchedulerConfig
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_gan.averaging import GeneratorAveraging
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
@@ -233,6 +235,62 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, Sequence) else [schedulers]
         return [s for s in schedulers if isinstance(s, kind) and optimizer in (None, s.optimizer)]
 
+    def _other_schedulers(self, interval: str) -> list[LRSchedulerConfig]:
+        """The schedulers of an overridden ``configure_optimizers`` with this ``interval``, besides the authors' (which
+        are stepped by type). Manual optimization leaves every scheduler to the module: ``GAN`` steps them as
+        Lightning's automatic optimization would, through :meth:`lr_scheduler_step`, counting each optimizer's own
+        updates for ``interval: "step"``."""
+        return [
+            config
+            for config in self.trainer.lr_scheduler_configs
+            if config.interval == interval and not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
+        ]
+
+    def _check_other_schedulers(self) -> None:
+        """Refuse a ``ReduceLROnPlateau`` that nothing gives its metric (Lightning's manual optimization drops the
+        scheduler dict's ``monitor``)."""
+        plateaus = [
+            config
+            for config in self.trainer.lr_scheduler_configs
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        ]
+        if plateaus and not is_overridden("lr_scheduler_step", self, LightningModule):
+            raise ValueError(
+                "A ReduceLROnPlateau scheduler needs the value of a metric, but under manual optimization Lightning "
+                "drops the scheduler dict's `monitor`: override `lr_scheduler_step(self, scheduler, metric)` to call "
+                "`scheduler.step(self.trainer.callback_metrics['val/d_loss'])` (or the metric you watch), and give "
+                'it `"interval": "epoch"`, so that validation has run.'
+            )
+
+    def _per_update_schedulers(self, optimizer: Optimizer) -> list[tuple[Any, int]]:
+        """``(scheduler, frequency)`` for the schedulers stepped after every ``frequency``-th update of
+        ``optimizer``: the authors' decay, and any other with ``interval: "step"``."""
+        schedulers = [(decay, 1) for decay in self._schedulers(ExponentialDecay, optimizer)]
+        schedulers += [
+            (config.scheduler, config.frequency)
+            for config in self._other_schedulers("step")
+            if config.scheduler.optimizer is optimizer
+        ]
+        return schedulers
+
+    def _step_per_update(self, schedulers: list[tuple[Any, int]], updates: int) -> None:
+        """Step ``schedulers`` (:meth:`_per_update_schedulers`) after their optimizer's ``updates``-th update."""
+        for scheduler, frequency in schedulers:
+            if updates % frequency == 0:
+                self.lr_scheduler_step(scheduler, None)
+
+    def _check_optimizers(self) -> None:
+        """Refuse optimizers that are not the discriminator's, then the generator's (an overridden
+        ``configure_optimizers`` may return them the other way round)."""
+        fix = "`configure_optimizers` must return two optimizers: the discriminator's first, then the generator's"
+        if len(self.trainer.optimizers) != 2:
+            raise ValueError(f"{fix}, but it returned {len(self.trainer.optimizers)}.")
+        for index, (name, network) in enumerate((("discriminator", self.discriminator), ("generator", self.generator))):
+            own = {id(parameter) for parameter in network.parameters()}
+            held = [parameter for group in self._optimizer(index).param_groups for parameter in group["params"]]
+            if not held or any(id(parameter) not in own for parameter in held):
+                raise ValueError(f"{fix}, but optimizer {index} holds parameters that are not the {name}'s.")
+
     # ------------------------------------------------------------------ fit-time setup
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -305,10 +363,12 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def on_train_start(self) -> None:
         self._fresh_weights = False
         self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
-        self._catch_up_momentum_ramp()
+        self._check_optimizers()
+        self._check_other_schedulers()
+        self._catch_up_epoch_schedules()
         self._continue_average(self.generator_updates)
-        self._d_decay = self._schedulers(ExponentialDecay, self._optimizer(0))
-        self._g_decay = self._schedulers(ExponentialDecay, self._optimizer(1))
+        self._d_decay = self._per_update_schedulers(self._optimizer(0))
+        self._g_decay = self._per_update_schedulers(self._optimizer(1))
         self._start_cuda_graphs()
 
     def _optimizer(self, index: int) -> Optimizer:
@@ -324,7 +384,9 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def _real_images(self, batch: Any) -> Tensor:
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 
-    def _update(self, optimizer: LightningOptimizer, network: nn.Module, decays: list[Any], counted: bool) -> None:
+    def _update(
+        self, optimizer: LightningOptimizer, network: nn.Module, decays: list[tuple[Any, int]], counted: bool
+    ) -> None:
         if counted:
             optimizer.step()
         else:
@@ -339,8 +401,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         if network is self.generator and self.generator_ema is not None:
             self._set_average_weight(self.generator_updates)
             self._average_generator()
-        for decay in decays:
-            decay.step()
+        self._step_per_update(decays, self.generator_updates if network is self.generator else self.global_step)
 
     @staticmethod
     def _constrain(network: nn.Module) -> None:
@@ -477,20 +538,27 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
     def on_train_epoch_start(self) -> None:
-        self._catch_up_momentum_ramp()
+        self._catch_up_epoch_schedules()
 
-    def _catch_up_momentum_ramp(self) -> None:
+    def _catch_up_epoch_schedules(self) -> None:
         # A checkpoint saved at the end of validation, or of an epoch's last batch, precedes on_train_epoch_end: on
-        # resume, catch up the ramp (after the last batch's checkpoint Lightning starts the next epoch without
-        # on_train_epoch_start, hence also in on_train_start).
+        # resume, catch up the ramp and the other per-epoch schedulers (after the last batch's checkpoint Lightning
+        # starts the next epoch without on_train_epoch_start, hence also in on_train_start).
         for ramp in self._schedulers(MomentumRamp):
             while ramp.last_epoch < self.current_epoch:
                 ramp.step()
+        for config in self._other_schedulers("epoch"):
+            if isinstance(config.scheduler, LRScheduler):
+                while config.scheduler.last_epoch < self.current_epoch // config.frequency:
+                    self.lr_scheduler_step(config.scheduler, None)
 
     def on_train_epoch_end(self) -> None:
         self._guard.check_deferred(self)
         for ramp in self._schedulers(MomentumRamp):
             ramp.step()
+        for config in self._other_schedulers("epoch"):
+            if (self.current_epoch + 1) % config.frequency == 0:
+                self.lr_scheduler_step(config.scheduler, None)
 
     @property
     def skipped_updates(self) -> int:

@@ -160,6 +160,81 @@ def test_gan_steps_the_schedules_per_update_and_per_epoch() -> None:
     assert d_opt.param_groups[0]["momentum"] == pytest.approx(0.7)  # epoch 3 reached after two epochs
 
 
+class OwnSchedulersGAN(GAN):
+    """A GAN whose ``configure_optimizers`` adds its own schedulers (``scheduler_configs``: one builder per optimizer
+    index, each returning a Lightning scheduler dict), without the authors' decay and ramp."""
+
+    def __init__(self, scheduler_configs: dict, **kwargs) -> None:
+        super().__init__(*tiny_nets(), lr_decay=1.0, momentum_final=None, **kwargs)
+        self.scheduler_configs = scheduler_configs
+
+    def configure_optimizers(self):
+        optimizers, _ = super().configure_optimizers()
+        return optimizers, [build(optimizers[index]) for index, build in self.scheduler_configs.items()]
+
+
+def test_own_schedulers_step_per_update_and_per_epoch() -> None:
+    gan = OwnSchedulersGAN(
+        {
+            # the discriminator's lr halves every 3rd of its updates, the generator's every epoch
+            0: lambda opt: {
+                "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5),
+                "interval": "step",
+                "frequency": 3,
+            },
+            1: lambda opt: {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)},
+        },
+        k=2,
+    )
+    trainer(max_epochs=2).fit(gan, loader(6))  # 12 discriminator updates, 6 generator updates, 2 epochs
+    d_opt, g_opt = gan._optimizer(0), gan._optimizer(1)
+    assert d_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+    assert g_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+class PlateauGAN(OwnSchedulersGAN):
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        self.plateau_metrics.append(float(self.trainer.callback_metrics["val/d_loss"]))
+        scheduler.step(self.plateau_metrics[-1])
+
+
+def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> None:
+    plateau = {0: lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}
+    with pytest.raises(ValueError, match=r"override `lr_scheduler_step\(self, scheduler, metric\)`"):
+        trainer().fit(OwnSchedulersGAN(plateau), loader(2), loader(2))
+    gan = PlateauGAN(plateau)
+    gan.plateau_metrics = []
+    trainer(max_epochs=3).fit(gan, loader(2), loader(2))
+    assert len(gan.plateau_metrics) == 3  # once per epoch, after validation
+    scheduler = gan.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 3 and scheduler.best in gan.plateau_metrics  # given the metrics
+
+
+class SwappedOptimizersGAN(GAN):
+    def configure_optimizers(self):
+        optimizers, schedulers = super().configure_optimizers()
+        return optimizers[::-1], schedulers
+
+
+class OneOptimizerGAN(GAN):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "match"),
+    [
+        (SwappedOptimizersGAN, "optimizer 0 holds parameters that are not the discriminator's"),
+        (OneOptimizerGAN, "but it returned 1"),
+    ],
+)
+def test_optimizers_not_discriminator_then_generator_are_refused_before_training(cls: type, match: str) -> None:
+    counter = CountParameterChanges()
+    with pytest.raises(ValueError, match=match):
+        trainer(callbacks=[counter]).fit(cls(*tiny_nets()), loader(2))
+    assert counter.changes == {"generator": 0, "discriminator": 0}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -158,6 +158,31 @@ def test_resume_from_the_end_of_epoch_one_is_bitwise_exact(straight_run: dict[st
     assert gan._optimizer(0).param_groups[0]["momentum"] == pytest.approx(0.7)  # the ramp caught up (epoch 3)
 
 
+class HalvingGeneratorLR(GAN):
+    """With a scheduler of its own besides the authors': the generator's learning rate halves every epoch."""
+
+    def configure_optimizers(self):
+        optimizers, schedulers = super().configure_optimizers()
+        return optimizers, [*schedulers, torch.optim.lr_scheduler.StepLR(optimizers[1], step_size=1, gamma=0.5)]
+
+
+def halving_gan() -> GAN:
+    torch.manual_seed(0)  # the same initial weights for both runs
+    return tiny_gan(HalvingGeneratorLR, lr_decay=1.0)
+
+
+def test_resume_catches_up_own_per_epoch_schedulers(tmp_path: Path) -> None:
+    straight, gan, _ = fit(tmp_path / "straight", gan=halving_gan())
+    assert gan._optimizer(1).param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    expected = training_state(straight, gan)
+    # saved at the end of the epoch's last batch, before the epoch ends and its scheduler steps
+    last_batch = ModelCheckpoint(tmp_path / "first", every_n_train_steps=BATCHES_PER_EPOCH, save_top_k=-1)
+    fit(tmp_path / "first", epochs=1, checkpoint=last_batch, gan=halving_gan())
+    checkpoint = tmp_path / "first" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    resumed, gan, _ = fit(tmp_path / "resumed", ckpt_path=checkpoint, gan=halving_gan())
+    assert_identical(training_state(resumed, gan), expected)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(
     straight_run: dict[str, Any], tmp_path: Path, signum: int, recwarn: pytest.WarningsRecorder
