@@ -159,9 +159,9 @@ class ParzenEvaluation(Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         self.select(trainer, pl_module)
-        # identical on every rank: no reduction needed
-        pl_module.log("parzen/sigma", self.sigma)
-        pl_module.log("parzen/val_ll", self.val_ll, prog_bar=True)
+        # identical on every rank: sync_dist's mean leaves them as they are (and spares Lightning's DDP warning)
+        pl_module.log("parzen/sigma", self.sigma, sync_dist=True)
+        pl_module.log("parzen/val_ll", self.val_ll, prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ the number, on test
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -178,7 +178,10 @@ class ParzenEvaluation(Callback):
             metric.update(shard[start : start + 1000].to(pl_module.device))
         mean, se = metric.compute()  # torchmetrics sums the states over ranks
         self.test_ll, self.test_se = float(mean), float(se)
-        pl_module.log_dict({"parzen/test_ll": self.test_ll, "parzen/test_se": self.test_se, "parzen/sigma": self.sigma})
+        pl_module.log_dict(
+            {"parzen/test_ll": self.test_ll, "parzen/test_se": self.test_se, "parzen/sigma": self.sigma},
+            sync_dist=True,  # identical on every rank (see above)
+        )
         dataset = _DATASET_NAMES.get(getattr(trainer.datamodule, "dataset", ""))
         self._print_result(f"{dataset} test" if dataset else "test", len(test))
 

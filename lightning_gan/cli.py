@@ -9,12 +9,15 @@ from __future__ import annotations
 import configparser
 import netrc
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -64,15 +67,42 @@ def use_wandb_offline_without_credentials() -> bool:
     return True
 
 
+def wandb_run_of(ckpt_path: str | os.PathLike) -> str | None:
+    """The id of the W&B run that ``lightning-gan`` logged the checkpoint's training to (saved by
+    :class:`SaveRunConfig`), or ``None`` (no such file, another kind of checkpoint, no W&B run)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        return None  # e.g. "last" or "best": Lightning resolves those, and reports a missing file itself
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None  # Lightning reports an unreadable checkpoint when it loads it
+    state = (checkpoint.get("callbacks") or {}).get(SaveRunConfig.__qualname__) or {}
+    run_id = state.get("wandb_run_id")
+    return run_id if isinstance(run_id, str) else None
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Save the full resolved config as ``config.yaml`` in the run directory (beside ``checkpoints/``) and into the
     config of every attached W&B run; with ``offline_notice`` (set by the CLI when it switched W&B offline), also
-    say where the offline W&B run is saved and how to upload it."""
+    say where the offline W&B run is saved and how to upload it. Checkpoints hold the W&B run's id, so that a resume
+    and ``validate``/``test`` of them log to the same run (:meth:`GANCLI.before_instantiate_classes`); then
+    ``continues_run`` is set, and ``validate``/``test`` leave the fit's config alone."""
 
     offline_notice: bool = False
+    continues_run: bool = False
+    _loggers: tuple[Any, ...] = ()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        run_id = next((logger.version for logger in self._loggers if isinstance(logger, WandbLogger)), None)
+        return {"wandb_run_id": run_id} if isinstance(run_id, str) else {}
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._loggers = tuple(trainer.loggers)
+        if self.continues_run and stage != "fit":
+            return  # the fit's config.yaml and W&B config describe the run; `validate`/`test` add their metrics
         if not trainer.loggers and not self.already_saved:
             # Without a logger every run writes into `default_root_dir`, with no folder of its own.
             if stage != "fit":
@@ -143,6 +173,41 @@ class GANCLI(LightningCLI):
         )
 
     @override
+    def before_instantiate_classes(self) -> None:
+        """Check the W&B loggers' project names (a usage error, not a traceback at the first log), and with a
+        ``ckpt_path``, log to the W&B run of the checkpoint's training unless the logger's ``id`` is set: a resume
+        continues its run, and ``validate``/``test`` add their metrics to it, at the checkpoint's step."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.get("trainer", {}).get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        ckpt_path = config.get("ckpt_path")
+        self._continued_run: str | None = None
+        for logger in loggers:
+            if not (isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(".WandbLogger")):
+                continue
+            init_args = logger.get("init_args") or Namespace()
+            self._check_wandb_project(init_args.get("project"))
+            if ckpt_path and not (init_args.get("id") or init_args.get("version")):
+                run_id = wandb_run_of(ckpt_path)
+                if run_id is not None:
+                    init_args.id = self._continued_run = run_id
+                    logger.init_args = init_args
+                    rank_zero_info(
+                        f"W&B: logging to run {run_id}, which the checkpoint's training logged to (set "
+                        "`--trainer.logger.init_args.id` to log elsewhere)."
+                    )
+
+    def _check_wandb_project(self, project: Any) -> None:
+        if project is None:
+            return
+        import wandb
+
+        try:
+            wandb.Settings(project=project)
+        except wandb.errors.UsageError as err:
+            self.parser.error(f"trainer.logger.init_args.project: {err}")
+
+    @override
     def instantiate_classes(self) -> None:
         """Instantiate the config's classes; a value that one refuses (a ``ValueError`` from its ``__init__``, which
         jsonargparse wraps in its own) ends as a mistyped key does: a usage error naming the problem, no traceback."""
@@ -170,6 +235,10 @@ class GANCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, GANProgressBar()]
         built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
         _wandb_offline_fallback(built)
+        if getattr(self, "_continued_run", None):
+            for callback in built.callbacks:
+                if isinstance(callback, SaveRunConfig):
+                    callback.continues_run = True
         return built
 
 

@@ -639,6 +639,9 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         state = checkpoint.get("lightning_gan") or {}
         self._guard.skipped = int(state.get("skipped_updates", 0))
         trainer = self._trainer
+        if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            # the loggers' x-axis: the evaluated checkpoint's step (Lightning restores no step outside a fit)
+            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
         if trainer is None or trainer.state.fn != TrainerFn.FITTING or "rng_states" not in state:
             return
         states = state["rng_states"]

@@ -152,7 +152,8 @@ class CollapseMonitor(Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         metrics = self.measure(pl_module)
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # the same on every rank: nothing to reduce
+        # the same on every rank: sync_dist's mean leaves them as they are (and spares Lightning's DDP warning)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         spread, nn = metrics["monitor/relative_distance"], metrics["monitor/relative_nn_distance"]
         collapsed = spread < self.min_relative_distance or nn < self.min_relative_nn_distance
         self.collapsed_checks = self.collapsed_checks + 1 if collapsed else 0

@@ -212,3 +212,37 @@ def test_without_credentials_the_cli_goes_offline_with_one_notice_and_no_prompt(
     synced = Path(re.search(r"`wandb sync (\S+)`", notice).group(1))
     assert synced.parent == (tmp_path / "logs" / "wandb").resolve() and synced.name.startswith("offline-run-")
     assert len(list(synced.glob("run-*.wandb"))) == 1
+
+
+def test_a_resume_and_a_test_of_its_checkpoints_log_to_the_run_of_the_fit(mnist_root: Path, wandb_home: Path) -> None:
+    logs = wandb_home / "logs"
+    main(quickstart_args(mnist_root, logs))
+    (first,) = (logs / "wandb").glob("offline-run-*")
+    run_id = first.name.rsplit("-", 1)[-1]
+    run_dir = logs / "lightning-gan" / run_id
+    main([*quickstart_args(mnist_root, logs, "--trainer.max_epochs=2"), f"--ckpt_path={run_dir / 'checkpoints'}"
+          "/epoch=0-step=3.ckpt"])  # fmt: skip
+    assert [path.name for path in (logs / "lightning-gan").iterdir()] == [run_id]  # one folder: the fit's
+    assert (run_dir / "checkpoints" / "epoch=1-step=6.ckpt").is_file()
+    config = (run_dir / "config.yaml").read_text()
+
+    test = [
+        "test",
+        *quickstart_args(mnist_root, logs)[1:],
+        f"--ckpt_path={run_dir / 'checkpoints'}/epoch=1-step=6.ckpt",
+    ]
+    main(test)
+    assert (run_dir / "config.yaml").read_text() == config  # the test leaves the fit's config alone
+    runs = sorted((logs / "wandb").glob("offline-run-*"))  # named by their start time
+    assert [run.name.rsplit("-", 1)[-1] for run in runs] == [run_id] * 3  # the resume's and the test's: the same run
+    history = history_rows(read_wandb_records(next(runs[2].glob("run-*.wandb"))))
+    (row,) = [row for row in history if "parzen/test_ll" in row]
+    assert row["trainer/global_step"] == 6  # at the checkpoint's step
+
+
+def test_a_bad_wandb_project_name_is_a_usage_error(mnist_root: Path, wandb_home: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(quickstart_args(mnist_root, wandb_home / "logs", "--trainer.logger.init_args.project=my/project"))
+    assert exit_info.value.code == 2
+    assert "Invalid project name 'my/project'" in capsys.readouterr().err
+    assert not (wandb_home / "logs").exists()
