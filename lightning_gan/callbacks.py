@@ -18,14 +18,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_gan.figures import LatentInterpolation, SampleGrid
+from lightning_gan.figures import LatentInterpolation, SampleGrid, _datamodule_images
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
 
 # The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
 __all__ = ["CollapseMonitor", "GANProgressBar", "LatentInterpolation", "ParzenEvaluation", "SampleGrid"]
-
-_DATASET_NAMES = {"mnist": "MNIST", "tfd": "TFD", "cifar10": "CIFAR-10"}
 
 
 class ParzenEvaluation(Callback):
@@ -127,18 +125,14 @@ class ParzenEvaluation(Callback):
         return torch.cat(ordered)[: self.num_samples]
 
     # ------------------------------------------------------------------ data
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse a datamodule without the images this callback will read, before any training."""
+        for split in ("val", "test") if stage == "test" else ("val",):
+            _datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
+
     @staticmethod
     def _images(trainer: Trainer, split: str, limit: int | None) -> Tensor:
-        splits = getattr(trainer.datamodule, "splits", None)
-        if splits is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "setup"):
-            trainer.datamodule.setup(split)
-            splits = getattr(trainer.datamodule, "splits", None)
-        if splits is None:
-            raise RuntimeError(
-                "ParzenEvaluation reads the validation and test images from the datamodule's `splits` "
-                "(lightning_gan.GANDataModule or a subclass); pass such a datamodule to the Trainer."
-            )
-        images = getattr(splits, split).images
+        images = _datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
         return images[:limit] if limit is not None else images
 
     # ------------------------------------------------------------------ sigma on validation
@@ -182,8 +176,8 @@ class ParzenEvaluation(Callback):
             {"parzen/test_ll": self.test_ll, "parzen/test_se": self.test_se, "parzen/sigma": self.sigma},
             sync_dist=True,  # identical on every rank (see above)
         )
-        dataset = _DATASET_NAMES.get(getattr(trainer.datamodule, "dataset", ""))
-        self._print_result(f"{dataset} test" if dataset else "test", len(test))
+        dataset = getattr(trainer.datamodule, "dataset_name", None)
+        self._print_result(f"{dataset} test" if isinstance(dataset, str) else "test", len(test))
 
     @rank_zero_only
     def _print_result(self, split: str, n_examples: int) -> None:

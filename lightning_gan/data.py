@@ -30,6 +30,7 @@ DatasetName = Literal["mnist", "tfd", "cifar10"]
 Preprocessing = Literal["scale", "gcn"]
 TFDTrainSet = Literal["unlabeled", "train", "full_train"]
 _LOADERS = {"mnist": load_mnist, "tfd": load_tfd, "cifar10": load_cifar10}
+_DATASET_NAMES = {"mnist": "MNIST", "tfd": "TFD", "cifar10": "CIFAR-10"}
 
 
 class InMemoryTensors(TensorDataset):
@@ -129,7 +130,7 @@ class GANDataModule(LightningDataModule):
         steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
-        if dataset not in _LOADERS:
+        if dataset not in _LOADERS and type(self).load_splits is GANDataModule.load_splits:
             raise ValueError(
                 f"Unknown dataset {dataset!r}; expected one of {sorted(_LOADERS)}. Set `data.dataset` accordingly."
             )
@@ -171,11 +172,11 @@ class GANDataModule(LightningDataModule):
         # Runs on one process per node before `setup`: downloads (if allowed) and validates the files. The splits are
         # kept, so that this process does not read them twice; the others read them in `setup`.
         if self.splits is None:
-            self.splits = self._load()
+            self.splits = self.load_splits()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
-            self.splits = self._load()
+            self.splits = self.load_splits()
         if self.device_resident and self.trainer is not None:
             device = self.trainer.strategy.root_device
             self.splits = Splits(
@@ -185,7 +186,12 @@ class GANDataModule(LightningDataModule):
                 )
             )
 
-    def _load(self) -> Splits:
+    def load_splits(self) -> Splits:
+        """The train, validation and test splits, read from ``data_dir`` (downloaded first if allowed), in data space.
+
+        Override to train on your own data: return ``Splits(Split(images, labels), ...)`` (``lightning_gan.datasets``)
+        with float images ``(N, C, H, W)``; batching, stacking, ``device_resident``, :meth:`pixel_mean` and the
+        callbacks work on them unchanged (``dataset`` is then free to name them)."""
         if self.dataset == "tfd":
             splits = load_tfd(self.data_dir, self.fold, self.tfd_train_set, self.tfd_image_size)
         else:
@@ -200,6 +206,13 @@ class GANDataModule(LightningDataModule):
         if self.splits is None:
             self.setup()
         return getattr(self.splits, name)
+
+    @property
+    def dataset_name(self) -> str:
+        """The data's name in results: the paper's dataset, or the class of a subclass that loads its own."""
+        if type(self).load_splits is not GANDataModule.load_splits:
+            return type(self).__name__
+        return _DATASET_NAMES[self.dataset]
 
     def pixel_mean(self) -> Tensor:
         """Per-pixel mean of the training split ``(C, H, W)``, e.g. to start a generator's output bias."""

@@ -176,6 +176,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
         self.cuda_graph = cuda_graph
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
+        self._loader_stacks = False  # whether the training loader stacks batches (set when training starts)
         # Initial weights: neither trained (a fit started) nor loaded. A fit sets the generator's output bias from the
         # data only for them; validating or testing them gets a warning.
         self._fresh_weights = True
@@ -326,8 +327,8 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
             network = getattr(self, name)
             built_for = getattr(network, attribute, None)
-            if built_for is None or tuple(built_for) == shape:
-                continue
+            if not isinstance(built_for, Sequence) or tuple(built_for) == shape:
+                continue  # a network that does not say its shape (as a sequence) is left to fail on its own
             fix = (
                 f"set `model.init_args.{name}.init_args.{attribute}` to {list(shape)}"
                 if attribute in inspect.signature(type(network)).parameters
@@ -363,6 +364,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def on_train_start(self) -> None:
         self._fresh_weights = False
         self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
+        self._loader_stacks = getattr(self.trainer.train_dataloader, "stack_batches", 1) > 1
         self._check_optimizers()
         self._check_other_schedulers()
         self._catch_up_epoch_schedules()
@@ -381,8 +383,24 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         """Generator updates made so far (``global_step`` counts discriminator updates)."""
         return self.global_step // self.k
 
-    def _real_images(self, batch: Any) -> Tensor:
-        return batch[0] if isinstance(batch, (list, tuple)) else batch
+    def real_images(self, batch: Any) -> Tensor:
+        """The images of a training, validation or test batch: the batch itself, or the first item of an
+        ``(images, labels)`` sequence. Override to read another kind of batch (e.g. a dict)."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if not isinstance(images, Tensor):
+            raise TypeError(
+                f"GAN.real_images takes the images from a batch that is a tensor or an (images, labels) sequence, "
+                f"but got {type(batch).__name__}: override `real_images(self, batch)` in a subclass to return yours."
+            )
+        return images
+
+    def _stack_size(self, real: Tensor) -> int:
+        """The training steps in a training batch's images: ``S`` for a stack ``(S, B, *image)``
+        (``GANDataModule(steps_per_batch=S)``), else 1. A stack has one dimension more than the discriminator's
+        images (its ``in_shape``); for a discriminator that does not say, the loader says (``stack_batches``)."""
+        in_shape = getattr(self.discriminator, "in_shape", None)
+        stacked = real.dim() == len(in_shape) + 2 if isinstance(in_shape, Sequence) else self._loader_stacks
+        return real.shape[0] if stacked else 1
 
     def _update(
         self, optimizer: LightningOptimizer, network: nn.Module, decays: list[tuple[Any, int]], counted: bool
@@ -454,8 +472,8 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
         them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
-        real = self._real_images(batch)
-        steps = (real,) if real.dim() != 5 else real.unbind(0)  # counted by _StackedSteps before the batch
+        real = self.real_images(batch)
+        steps = (real,) if self._stack_size(real) == 1 else real.unbind(0)  # counted by _StackedSteps before the batch
         log = self.trainer._logger_connector.should_update_logs  # for the batch's last step
         step = self._batch_graphed_step() if self._graphs is not None else self._eager_training_step
         for index, minibatch in enumerate(steps):
@@ -464,8 +482,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     def _count_stack(self, batch: Any) -> None:
         """For a stack of steps: check its size against the run's step counts, and make Lightning's count of
         batches (the loggers' x-axis and ``log_every_n_steps``) count steps."""
-        real = self._real_images(batch)
-        size = real.shape[0] if real.dim() == 5 else 1
+        size = self._stack_size(self.real_images(batch))
         if size == 1:
             return
         if size != self._checked_stack:
@@ -662,7 +679,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
-        real = self._real_images(batch)
+        real = self.real_images(batch)
         # Evaluation noise is seeded by the batch index, so the numbers are reproducible and training's random
         # stream is left untouched.
         devices = [self.device] if self.device.type == "cuda" else []

@@ -210,6 +210,51 @@ def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> 
     assert scheduler.last_epoch == 3 and scheduler.best in gan.plateau_metrics  # given the metrics
 
 
+class VoxelGenerator(nn.Module):
+    noise_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 8)
+
+    def sample_noise(self, n: int, device=None) -> Tensor:
+        return torch.rand(n, 4, device=device)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(z)).view(-1, 1, 2, 2, 2)
+
+
+class VoxelDiscriminator(nn.Module):  # says nothing of its input's shape
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(8, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1)
+
+
+def test_five_dimensional_images_are_not_taken_for_stacks_of_steps() -> None:
+    counter = CountParameterChanges()
+    voxels = torch.rand(12, 1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = trainer(log_every_n_steps=5, callbacks=[counter])
+    t.fit(GAN(VoxelGenerator(), VoxelDiscriminator()), DataLoader(TensorDataset(voxels), batch_size=4))
+    assert t.global_step == 3 and counter.changes == {"generator": 3, "discriminator": 3}
+
+
+class DictBatchesGAN(GAN):
+    def real_images(self, batch: dict) -> Tensor:
+        return batch["image"]
+
+
+def test_another_kind_of_batch_needs_real_images_overridden() -> None:
+    batches = DataLoader([{"image": images} for images in torch.rand(12, 1, 2, 2).split(4)], batch_size=None)
+    with pytest.raises(TypeError, match=r"got dict: override `real_images\(self, batch\)`"):
+        trainer().fit(tiny_gan(), batches)
+    t = trainer()
+    t.fit(DictBatchesGAN(*tiny_nets()), batches)
+    assert t.global_step == 3
+
+
 class SwappedOptimizersGAN(GAN):
     def configure_optimizers(self):
         optimizers, schedulers = super().configure_optimizers()

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import quiet_trainer
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, ParzenEvaluation
+from lightning_gan.datasets import Split, Splits
 from lightning_gan.parzen import parzen_log_likelihood
 
 TEST_SIZE = 101  # odd: a DistributedSampler would pad it with a repeated example on 2 ranks
@@ -176,3 +178,41 @@ def test_a_selected_sigma_is_selected_again_for_another_generator_or_validation_
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ParzenEvaluation(**kwargs)
+
+
+class RandomImages(GANDataModule):
+    """Data of one's own, through the documented hook."""
+
+    def load_splits(self) -> Splits:
+        generator = torch.Generator().manual_seed(0)
+
+        def split(n: int) -> Split:
+            return Split(torch.rand(n, 1, 28, 28, generator=generator), torch.zeros(n, dtype=torch.long))
+
+        return Splits(split(200), split(100), split(TEST_SIZE))
+
+
+def test_own_data_from_load_splits_is_evaluated_under_its_own_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dm = RandomImages(dataset="random", data_dir=tmp_path / "nothing here", download=False)
+    tested = quiet_trainer(callbacks=[evaluation()]).test(seeded_gan(), datamodule=dm, verbose=False)[0]
+    assert np.isfinite(tested["parzen/test_ll"])
+    assert "Parzen log-likelihood (RandomImages test)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Unknown dataset 'random'"):
+        GANDataModule(dataset="random")
+
+
+class ImagesWithoutSplits(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.rand(8, 1, 28, 28)), batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+def test_a_datamodule_without_the_images_it_reads_is_refused_before_training() -> None:
+    gan = seeded_gan()
+    with pytest.raises(ValueError, match=r"ParzenEvaluation needs the val images as `trainer.datamodule.splits"):
+        quiet_trainer(callbacks=[evaluation()], max_epochs=1).fit(gan, datamodule=ImagesWithoutSplits())
+    assert gan.global_step == 0
