@@ -680,17 +680,19 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
         real = self.real_images(batch)
-        # Evaluation noise is seeded by the batch index, so the numbers are reproducible and training's random
-        # stream is left untouched.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(batch_idx * self.trainer.world_size + self.global_rank)  # distinct on every rank
-            z = self.generator.sample_noise(real.shape[0], self.device)
-        fake = self.generator(z)
+        fake = self.generator(self._evaluation_noise(real.shape[0], batch_idx))
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         d_loss = self.discriminator_loss(real_logits, fake_logits)
         d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
         self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), d_real, d_fake)
+
+    def _evaluation_noise(self, n: int, batch_idx: int) -> Tensor:
+        """The noise of an evaluation batch: seeded by the batch index and the rank, so that the numbers are
+        reproducible, every rank draws its own, and training's random stream is left untouched."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(batch_idx * self.trainer.world_size + self.global_rank)
+            return self.generator.sample_noise(n, self.device)
 
     def on_validation_start(self) -> None:
         self._warn_if_untrained("validate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -471,6 +472,32 @@ def test_validation_logs_losses_reproducibly() -> None:
     assert set(metrics) == {"val/d_loss", "val/g_loss", "val/d_real", "val/d_fake"}
     assert math.isfinite(metrics["val/d_loss"])
     assert t.validate(gan, loader(3), verbose=False)[0] == metrics  # noise seeded per batch: same numbers
+
+
+def test_validation_logs_the_discriminator_s_outputs_and_losses_of_its_batch() -> None:
+    gan = tiny_gan(keep_prob=1.0)  # no dropout: D is deterministic
+    real = next(iter(loader(1)))[0]
+    metrics = trainer(limit_val_batches=1).validate(gan, loader(1), verbose=False)[0]
+    with torch.no_grad():
+        torch.manual_seed(0)  # batch 0, rank 0 of 1
+        real_logits, fake_logits = (
+            gan.discriminator(real),
+            gan.discriminator(gan.generator(gan.generator.sample_noise(5))),
+        )
+    assert metrics["val/d_real"] == pytest.approx(torch.sigmoid(real_logits).mean().item())
+    assert metrics["val/d_fake"] == pytest.approx(torch.sigmoid(fake_logits).mean().item())
+    assert metrics["val/d_loss"] == pytest.approx(gan.discriminator_loss(real_logits, fake_logits).item())
+    assert metrics["val/g_loss"] == pytest.approx(gan.generator_loss_fn(fake_logits).item())
+
+
+def test_evaluation_noise_differs_between_ranks_and_repeats_for_each() -> None:
+    gan = tiny_gan()
+    noise = {}
+    for rank in (0, 1):
+        gan._trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        noise[rank] = gan._evaluation_noise(5, batch_idx=3)
+        torch.testing.assert_close(gan._evaluation_noise(5, batch_idx=3), noise[rank], rtol=0, atol=0)
+    assert not torch.equal(noise[0], noise[1])
 
 
 class SeedTheBatch(Callback):

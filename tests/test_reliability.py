@@ -158,6 +158,16 @@ def test_resume_from_the_end_of_epoch_one_is_bitwise_exact(straight_run: dict[st
     assert gan._optimizer(0).param_groups[0]["momentum"] == pytest.approx(0.7)  # the ramp caught up (epoch 3)
 
 
+def test_resuming_with_another_number_of_processes_warns(straight_run: dict[str, Any], tmp_path: Path) -> None:
+    checkpoint = torch.load(
+        straight_run["root"] / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt", weights_only=True
+    )
+    checkpoint["lightning_gan"]["rng_states"] *= 2  # as if saved by 2 DDP ranks
+    torch.save(checkpoint, tmp_path / "two_ranks.ckpt")
+    with pytest.warns(UserWarning, match=r"random state of 2 process\(es\), this run has 1"):
+        fit(tmp_path / "resumed", ckpt_path=tmp_path / "two_ranks.ckpt")
+
+
 class HalvingGeneratorLR(GAN):
     """With a scheduler of its own besides the authors': the generator's learning rate halves every epoch."""
 
