@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -126,9 +127,24 @@ class ParzenEvaluation(Callback):
 
     # ------------------------------------------------------------------ data
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse a datamodule without the images this callback will read, before any training."""
+        """Refuse, before any training, a datamodule without the images this callback will read, and a checkpoint
+        callback that would look for ``parzen/*`` in epochs without it."""
         for split in ("val", "test") if stage == "test" else ("val",):
             _datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
+        if stage == "fit":
+            for checkpoint in trainer.checkpoint_callbacks:
+                self._check_cadence(checkpoint)
+
+    def _check_cadence(self, checkpoint: ModelCheckpoint) -> None:
+        if not str(checkpoint.monitor).startswith("parzen/"):
+            return
+        every = checkpoint._every_n_epochs
+        if checkpoint._every_n_train_steps or checkpoint._train_time_interval or every % self.every_n_epochs:
+            raise ValueError(
+                f"ModelCheckpoint(monitor={checkpoint.monitor!r}) would look for it in epochs where ParzenEvaluation "
+                f"does not log it (every {self.every_n_epochs} epochs): give the checkpoint `every_n_epochs` "
+                f"{self.every_n_epochs} (or a multiple), and no `every_n_train_steps` or `train_time_interval`."
+            )
 
     @staticmethod
     def _images(trainer: Trainer, split: str, limit: int | None) -> Tensor:

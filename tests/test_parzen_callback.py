@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import quiet_trainer
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, ParzenEvaluation
@@ -215,4 +216,25 @@ def test_a_datamodule_without_the_images_it_reads_is_refused_before_training() -
     gan = seeded_gan()
     with pytest.raises(ValueError, match=r"ParzenEvaluation needs the val images as `trainer.datamodule.splits"):
         quiet_trainer(callbacks=[evaluation()], max_epochs=1).fit(gan, datamodule=ImagesWithoutSplits())
+    assert gan.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        {"every_n_epochs": 1},
+        {"every_n_epochs": 3},
+        {"every_n_train_steps": 10},
+    ],
+)
+def test_a_checkpoint_on_parzen_ll_out_of_step_with_it_is_refused_before_training(
+    mnist_root: Path, checkpoint: dict
+) -> None:
+    callbacks = [
+        ParzenEvaluation(num_samples=100, every_n_epochs=2),
+        ModelCheckpoint(monitor="parzen/val_ll", mode="max", **checkpoint),
+    ]
+    gan = seeded_gan()
+    with pytest.raises(ValueError, match=r"give the checkpoint `every_n_epochs` 2 \(or a multiple\)"):
+        quiet_trainer(callbacks=callbacks).fit(gan, datamodule=GANDataModule(data_dir=mnist_root, download=False))
     assert gan.global_step == 0
