@@ -82,12 +82,27 @@ def wandb_run_of(ckpt_path: str | os.PathLike) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
+def readable_config(config: Any) -> Any:
+    """A resolved config for W&B's run table: each ``{class_path, init_args}`` collapsed into
+    ``{"class": class_path, **init_args}``, so that a setting is one short key (``model.generator.hidden_sizes``)."""
+    if isinstance(config, dict):
+        if "class_path" in config and set(config) <= {"class_path", "init_args", "dict_kwargs"}:
+            arguments = {**(config.get("init_args") or {}), **(config.get("dict_kwargs") or {})}
+            return {"class": config["class_path"], **{key: readable_config(value) for key, value in arguments.items()}}
+        return {key: readable_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [readable_config(value) for value in config]
+    return config
+
+
 class SaveRunConfig(SaveConfigCallback):
-    """Save the full resolved config as ``config.yaml`` in the run directory (beside ``checkpoints/``) and into the
-    config of every attached W&B run; with ``offline_notice`` (set by the CLI when it switched W&B offline), also
-    say where the offline W&B run is saved and how to upload it. Checkpoints hold the W&B run's id, so that a resume
-    and ``validate``/``test`` of them log to the same run (:meth:`GANCLI.before_instantiate_classes`); then
-    ``continues_run`` is set, and ``validate``/``test`` leave the fit's config alone."""
+    """Save the full resolved config as ``config.yaml`` in the run directory (beside ``checkpoints/``) and, as
+    :func:`readable_config`, into the config of every attached W&B run (instead of Lightning's copy of the module's
+    and datamodule's arguments, when every logger is W&B's); with ``offline_notice`` (set by the CLI when it switched
+    W&B offline), also say where the offline W&B run is saved and how to upload it. Checkpoints hold the W&B run's
+    id, so that a resume and ``validate``/``test`` of them log to the same run
+    (:meth:`GANCLI.before_instantiate_classes`); then ``continues_run`` is set, and ``validate``/``test`` leave the
+    fit's config alone."""
 
     offline_notice: bool = False
     continues_run: bool = False
@@ -101,6 +116,10 @@ class SaveRunConfig(SaveConfigCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._loggers = tuple(trainer.loggers)
+        if trainer.loggers and all(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+            # The W&B run gets the whole config (below, or from the fit it continues): Lightning's own copy of the
+            # module's and datamodule's arguments would repeat each setting under a second name.
+            trainer.enable_autolog_hparams = False
         if self.continues_run and stage != "fit":
             return  # the fit's config.yaml and W&B config describe the run; `validate`/`test` add their metrics
         if not trainer.loggers and not self.already_saved:
@@ -135,7 +154,7 @@ class SaveRunConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            logger.experiment.config.update(config, allow_val_change=True)
+            logger.experiment.config.update(readable_config(config), allow_val_change=True)
             if self.offline_notice:
                 sync_dir = Path(logger.experiment.dir).parent.resolve()
                 rank_zero_info(

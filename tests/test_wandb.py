@@ -117,14 +117,17 @@ def test_fit_writes_an_offline_wandb_run_with_metrics_config_images_and_checkpoi
     config = {
         item.key: json.loads(item.value_json) for r in records if r.HasField("config") for item in r.config.update
     }
-    assert config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] == [16, 16]
-    assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
-    assert config["data"]["init_args"]["data_dir"] == str(mnist_root)
-    assert {cb["class_path"].rsplit(".", 1)[-1] for cb in config["trainer"]["callbacks"]} >= {
+    # one key per setting, as in the YAML with the class_path/init_args levels folded
+    assert config["model"]["generator"] == {**config["model"]["generator"], "class": "lightning_gan.MLPGenerator"}
+    assert config["model"]["generator"]["hidden_sizes"] == [16, 16]
+    assert config["trainer"]["logger"]["class"] == "lightning.pytorch.loggers.WandbLogger"
+    assert config["data"]["data_dir"] == str(mnist_root)
+    assert {callback["class"].rsplit(".", 1)[-1] for callback in config["trainer"]["callbacks"]} >= {
         "SampleGrid",
         "LatentInterpolation",
         "CollapseMonitor",
     }
+    assert "generator_optimizer" not in config and "_instantiator" not in config  # no second copy from Lightning
 
     # log_model: the checkpoint as a W&B model artifact
     artifacts = [r.artifact for r in records if r.HasField("artifact")]
