@@ -188,6 +188,12 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         """The negated value function: ``0.5 * (BCE(D(x), 1) + BCE(D(G(z)), 0))`` from logits, batch mean."""
         return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
 
+    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
+        """A term added to the discriminator's loss at each of its updates, from that update's real and generated
+        images (``fake`` carries no gradient to the generator), e.g. a gradient penalty; ``None`` (the default):
+        no term."""
+        return None
+
     def generator_loss_fn(self, fake_logits: Tensor) -> Tensor:
         """``-log D(G(z))`` (non-saturating) or ``log(1 - D(G(z)))`` (minimax), batch mean, from logits."""
         if self.generator_loss == "non_saturating":
@@ -196,7 +202,11 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
 
     # ------------------------------------------------------------------ optimizers and schedules
     def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
-        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps."""
+        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps.
+
+        An override returns the discriminator's optimizer first, then the generator's (checked when training
+        starts); schedulers besides the authors' are stepped as Lightning's automatic optimization would (see
+        :meth:`_other_schedulers`)."""
         optimizers = [
             self._make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
             self._make_optimizer("generator", self.generator_optimizer, self.generator),
@@ -439,10 +449,10 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         real_logits = self.discriminator(real)
         if self._one_pass:
             fake_logits = self.discriminator(fake)
-            d_loss, g_loss = self.discriminator_loss(real_logits, fake_logits), self.generator_loss_fn(fake_logits)
-            return d_loss, g_loss, real_logits, fake_logits
+            d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
+            return d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits
         fake_logits = self.discriminator(fake.detach())
-        d_loss = self.discriminator_loss(real_logits, fake_logits)
+        d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
         with self.toggled_optimizer(g_opt):
             g_loss = self.generator_loss_fn(self.discriminator(fake))
         return d_loss, g_loss, real_logits, fake_logits
@@ -461,7 +471,15 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
         real_logits = self.discriminator(real)
         fake_logits = self.discriminator(fake)
-        return self.discriminator_loss(real_logits, fake_logits), real_logits, fake_logits
+        return (
+            self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake),
+            real_logits,
+            fake_logits,
+        )
+
+    def _with_penalty(self, d_loss: Tensor, real: Tensor, fake: Tensor) -> Tensor:
+        penalty = self.discriminator_penalty(real, fake.detach())
+        return d_loss if penalty is None else d_loss + penalty
 
     def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> Tensor:
         """Generator loss on fresh noise; the discriminator's parameters get no gradient from it."""

@@ -211,6 +211,56 @@ def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> 
     assert scheduler.last_epoch == 3 and scheduler.best in gan.plateau_metrics  # given the metrics
 
 
+class WeightDecayGAN(GAN):
+    """Penalises the discriminator's squared weights, whose gradient is known: ``2 * weight * p``."""
+
+    def __init__(self, *args, weight: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight, self.seen = weight, []
+
+    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
+        self.seen.append((real.clone(), fake.requires_grad))
+        return self.weight * sum((p**2).sum() for p in self.discriminator.parameters())
+
+
+class R1GAN(GAN):
+    """Mescheder et al. (2018): the squared gradient of D at the real images (a double backward)."""
+
+    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor:
+        real = real.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.discriminator(real).sum(), real, create_graph=True)
+        return 5.0 * grad.pow(2).flatten(1).sum(1).mean()
+
+
+@pytest.mark.parametrize("schedule", ["alternating", "simultaneous"])
+def test_the_discriminator_penalty_joins_every_discriminator_update(schedule: str) -> None:
+    def one_step(weight: float) -> WeightDecayGAN:
+        torch.manual_seed(0)
+        gan = WeightDecayGAN(*tiny_nets(), weight=weight, schedule=schedule)
+        torch.manual_seed(1)
+        trainer(max_steps=1).fit(gan, loader(1))
+        return gan
+
+    torch.manual_seed(0)
+    initial = [p.detach().clone() for p in WeightDecayGAN(*tiny_nets()).discriminator.parameters()]
+    plain, penalised = one_step(0.0), one_step(0.3)
+    # SGD's first step moves D by lr * gradient: the penalty adds lr * 2 * weight * p to the plain move
+    for before, p_plain, p_penalised in zip(
+        initial, plain.discriminator.parameters(), penalised.discriminator.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_penalised, p_plain - 0.1 * 2 * 0.3 * before)
+    if schedule == "simultaneous":  # the generator's update, from the same D parameters, is untouched
+        for p_plain, p_pen in zip(plain.generator.parameters(), penalised.generator.parameters(), strict=True):
+            torch.testing.assert_close(p_pen, p_plain, rtol=0, atol=0)
+    ((real, fake_has_grad),) = penalised.seen
+    torch.testing.assert_close(real, next(iter(loader(1)))[0], rtol=0, atol=0)
+    assert not fake_has_grad
+
+    r1 = R1GAN(*tiny_nets(), schedule=schedule)
+    trainer(max_steps=3).fit(r1, loader(3))  # a penalty through a double backward trains on both schedules
+    assert r1.global_step == 3 and all(torch.isfinite(p).all() for p in r1.parameters())
+
+
 class VoxelGenerator(nn.Module):
     noise_dim = 4
 
