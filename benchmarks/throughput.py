@@ -83,7 +83,7 @@ def update_left_out(gan: GAN) -> Iterator[None]:
 
     gan._graphs_need_cuda = False
     gan._graph_update = no_update
-    capturable = GraphedUpdates.capturable
+    capturable = GraphedUpdates.__dict__["capturable"]  # the staticmethod itself, so that it is restored as one
     GraphedUpdates.capturable = staticmethod(lambda real: False)
     try:
         with warnings.catch_warnings():  # the decays step while no optimizer does, which torch warns about

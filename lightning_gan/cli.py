@@ -19,7 +19,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -242,16 +242,23 @@ class GANCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with a :class:`GANProgressBar` unless the config has a progress bar or turns it off, and safe
-        checkpointing (:func:`~lightning_gan.checkpointing.with_safe_checkpointing`: atomic files, a checkpoint on
-        SIGTERM or Ctrl-C)."""
+        """The trainer, with a :class:`GANProgressBar` unless the config has a progress bar or turns it off, without
+        the config's ``ModelCheckpoint`` callbacks when ``enable_checkpointing`` is false, and safe checkpointing
+        (:func:`~lightning_gan.checkpointing.with_safe_checkpointing`: atomic files, a checkpoint on SIGTERM or
+        Ctrl-C)."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config.get("trainer") or {}
-        callbacks = trainer.get("callbacks") or []
-        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        wanted = trainer.get("enable_progress_bar") is not False and "callbacks" not in kwargs
-        if wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, GANProgressBar()]
+        if "callbacks" not in kwargs:
+            callbacks = trainer.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if trainer.get("enable_checkpointing") is False:
+                # the config's checkpoints, switched off by a flag (Lightning would refuse the combination)
+                callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                callbacks.append(GANProgressBar())
+            kwargs["callbacks"] = callbacks
         built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
         _wandb_offline_fallback(built)
         if getattr(self, "_continued_run", None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,23 @@ def write_fake_mnist(root: Path, seed: int = 0) -> Path:
             data = blobs[rng.integers(0, len(blobs), size=shape[0])]
         write_idx(raw / name, data, magic)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ_and_sys_path() -> Iterator[None]:
+    """Leave ``os.environ`` and ``sys.path`` as each test found them: ``seed_everything`` sets ``PL_GLOBAL_SEED`` and
+    ``PL_SEED_WORKERS``, DDP runs ``MASTER_ADDR``/``MASTER_PORT``, the CLI and the benchmark scripts extend
+    ``sys.path``; none of it may reach the next test."""
+    environ, path_list, path = dict(os.environ), sys.path, list(sys.path)
+    yield
+    pytests_own = {"PYTEST_CURRENT_TEST"}  # pytest updates it between a test's phases
+    for key in set(os.environ) - set(environ) - pytests_own:
+        del os.environ[key]
+    for key, value in environ.items():
+        if key not in pytests_own and os.environ.get(key) != value:
+            os.environ[key] = value
+    sys.path = path_list  # the same list object, in case a test replaced it
+    sys.path[:] = path
 
 
 @pytest.fixture(scope="session")

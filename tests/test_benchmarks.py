@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import TINY_NETS
 from test_datasets import tfd_arrays, write_tfd
 
@@ -79,3 +82,63 @@ def test_tfd_folds_evaluates_each_fold_and_combines_them(tmp_path: Path) -> None
     labelled = fit("labelled", "--data.init_args.tfd_train_set=train")
     with pytest.raises(SystemExit, match="one checkpoint per fold"):
         script.main([f"--ckpt-path={labelled}", *flags[1:], "--", *common[4:]])
+
+
+def table_rows(printed: str) -> dict[str, list[str]]:
+    """The rows of the markdown table a script printed: first cell -> the other cells (header and rule left out)."""
+    lines = [line for line in printed.splitlines() if line.startswith("| ") and line.endswith(" |")]
+    rows = {cells[0]: cells[1:] for cells in (line[2:-2].split(" | ") for line in lines[1:])}
+    assert lines[0].startswith("| ") and not any(name.startswith("---") for name in rows), printed
+    return rows
+
+
+def test_throughput_times_every_variant(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())  # the paper's config with toy networks
+    config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] = [16, 16]
+    config["model"]["init_args"]["discriminator"]["init_args"]["units"] = [8, 8]
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    flags = ["--device=cpu", "--steps=10", "--warmup=10", "--repeats=1", "--stack=10"]
+    argv = ["throughput.py", f"--config={tmp_path / 'tiny.yaml'}", f"--data-dir={mnist_root}", *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("throughput").main()
+    printed = capsys.readouterr().out
+    fast, loop = "lightning-gan fast path", "lightning-gan loop only"
+    variants = [
+        "plain (same math)",
+        "lightning-gan",
+        "lightning-gan, device-resident data",
+        fast,
+        f"{fast}, metrics every 500 steps",
+        f"{fast}, 10 steps per batch",
+        loop,
+        f"{loop}, 10 steps per batch",
+    ]  # and no "captured update alone" off CUDA
+    rows = table_rows(printed)
+    assert list(rows) == variants, printed
+    assert all(float(median) > 0 and float(median) == float(runs) for median, runs in rows.values()), printed
+    for name in ("lightning-gan", fast, f"{fast}, 10 steps per batch"):
+        assert re.search(rf"^{re.escape(name)} / plain \(same math\): \d+\.\d\dx", printed, re.M), printed
+
+
+def test_parzen_benchmark_compares_every_method(
+    mnist_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["parzen.py", "--quick", f"--mnist-root={mnist_root}", "--device=cpu"])
+    load_script("parzen").main()
+    printed = capsys.readouterr().out
+    methods = [
+        "ours",
+        "float64 direct (matmul form, full matrices)",
+        "authors' algorithm (B=100 x M x D diffs, float32)",
+    ]
+    if importlib.util.find_spec("sklearn") is not None:
+        methods.append("scikit-learn KernelDensity (gaussian)")
+    rows = table_rows(printed)
+    assert list(rows) == methods, printed
+    assert all(float(cells[0]) > 0 for cells in rows.values()), printed  # protocol time (s)
+    assert rows["float64 direct (matmul form, full matrices)"][4] == "0.0e+00"  # the reference itself
+    assert float(rows["ours"][4]) < 1e-2  # max abs error (nats) against float64, on log-likelihoods of ~1000 nats
+    sigmas = re.search(r"^sigma chosen: ours ([\d.]+), float64 ([\d.]+);", printed, re.M)
+    assert sigmas and sigmas.group(1) == sigmas.group(2), printed

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_NETS
+from lightning.pytorch import Callback
 
 from lightning_gan import GAN
 from lightning_gan.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class OutputBiasAtTrainStart(Callback):
+    """Keeps a copy of the generator's output bias as training starts (after setup, before the first update)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.bias = pl_module.generator.output_layer.bias.detach().clone()
 
 
 def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
@@ -27,7 +36,7 @@ def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
-    cli = build_cli(fit_args(mnist_root, tmp_path))
+    cli = build_cli(fit_args(mnist_root, tmp_path, "--trainer.callbacks+=test_cli.OutputBiasAtTrainStart"))
     assert cli.trainer.global_step == 4
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1
@@ -37,9 +46,12 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
     gan = cli.model
     assert gan.schedule == "simultaneous" and gan.k == 1 and gan.lr_decay == 1.000004
     assert gan.generator.noise == "uniform" and gan.generator.net[0].out_features == 16
-    # the output bias came from the training marginals
-    pixel_mean = cli.datamodule.pixel_mean().flatten().double().clamp(1e-7, 1 - 1e-7)
-    assert gan.generator.output_layer.bias.shape == pixel_mean.shape
+    # the output bias came from the training marginals: the clipped logit of the training images' per-pixel mean
+    (recorded,) = [c for c in cli.trainer.callbacks if isinstance(c, OutputBiasAtTrainStart)]
+    marginals = cli.datamodule.splits.train.images.double().mean(dim=0).flatten()
+    expected = torch.logit(marginals.clamp(1e-7, 1 - 1e-7)).float()
+    assert expected.min() < -16 < -1 < expected.max()  # blank corners (clipped), brighter centres
+    torch.testing.assert_close(recorded.bias, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_from_the_fast_mnist_config(mnist_root: Path, tmp_path: Path) -> None:
@@ -165,12 +177,19 @@ def test_predict_is_not_offered(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'predict'" in capsys.readouterr().err
 
 
-def test_console_entry_point_help() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_gan", "--help"], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0
-    assert "fit" in result.stdout and "test" in result.stdout
+def test_the_console_script_and_python_m_run_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the installed `lightning-gan` script is cli.main (test_wandb runs `python -m lightning_gan fit` in a process)
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lightning-gan"]
+    assert script.value == "lightning_gan.cli:main" and script.load() is main
+    monkeypatch.setattr(sys, "argv", ["lightning-gan", "--help"])
+    monkeypatch.delitem(sys.modules, "lightning_gan.__main__", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("lightning_gan", run_name="__main__")  # as `python -m lightning_gan --help`
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lightning-gan ") and "{fit,validate,test}" in out
 
 
 def test_readme_subclassing_example_runs_through_the_cli(
@@ -195,3 +214,9 @@ def test_readme_subclassing_example_runs_through_the_cli(
     assert type(cli.model).__name__ == "LeastSquaresGAN"
     assert type(cli.model.generator).__name__ == "ConvGenerator"
     assert cli.trainer.global_step == 4
+
+
+def test_checkpointing_switched_off_leaves_out_the_config_s_checkpoints(mnist_root: Path, tmp_path: Path) -> None:
+    cli = build_cli(fit_args(mnist_root, tmp_path, "--trainer.enable_checkpointing=false"))
+    assert cli.trainer.global_step == 4 and cli.trainer.checkpoint_callbacks == []
+    assert not list(tmp_path.rglob("*.ckpt"))

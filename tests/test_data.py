@@ -23,7 +23,13 @@ def test_mnist_split_shapes_and_range(mnist_root: Path) -> None:
     assert images.shape == (100, 1, 28, 28) and images.dtype == torch.float32 and labels.shape == (100,)
     assert images.min() >= 0 and images.max() <= 1
     assert len(dm.train_dataloader()) == 500 and len(dm.val_dataloader()) == 100 and len(dm.test_dataloader()) == 100
-    assert dm.pixel_mean().shape == (1, 28, 28)
+    # the per-pixel mean over the training split: the official training file's first 50,000 images
+    raw = (mnist_root / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()[16 : 16 + 50000 * 784]
+    train = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(50000, 1, 28, 28).double() / 255
+    pixel_mean = dm.pixel_mean()
+    assert pixel_mean.shape == (1, 28, 28) and pixel_mean.dtype == torch.float32
+    torch.testing.assert_close(pixel_mean.double(), train.mean(dim=0), rtol=0, atol=1e-6)
+    assert pixel_mean.min() == 0 < pixel_mean.max()  # blank corners, brighter centres: no constant
 
 
 def test_val_is_the_tail_of_the_official_training_file(mnist_root: Path) -> None:

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) under plain `strategy="ddp_spawn"`: no unused-parameter error, identical weights."""
+"""Two CPU processes (gloo) under plain `strategy="ddp_spawn"`, and under `"ddp_fork"` (the same DDP strategy, its
+processes started by fork: no re-import, seconds faster): no unused-parameter error, identical weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule
+from test_reliability import time_limit
 
 from lightning_gan import GAN
 from lightning_gan.data import InMemoryTensors, _whole_batch
@@ -58,18 +60,22 @@ def tiny_gan(schedule: str, k: int) -> GAN:
     return GAN(*tiny_nets(), schedule=schedule, k=k, ema_decay=0.9)  # the average stays identical too
 
 
-@pytest.mark.parametrize(("schedule", "k", "stack"), [("alternating", 2, 1), ("simultaneous", 1, 2)])
-def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, stack: int) -> None:
+@pytest.mark.parametrize(
+    ("schedule", "k", "stack", "strategy"),
+    [("alternating", 2, 1, "ddp_spawn"), ("simultaneous", 1, 2, "ddp_fork")],
+)
+def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, stack: int, strategy: str) -> None:
     data = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     trainer = quiet_trainer(
         devices=2,
-        strategy="ddp_spawn",
+        strategy=strategy,
         max_epochs=1,
         enable_checkpointing=False,
         log_every_n_steps=100,  # a multiple of the stack; no metrics to send back from the spawned ranks
         callbacks=[SaveRankState(tmp_path)],
     )
-    trainer.fit(tiny_gan(schedule, k), datamodule=Stacks(data, stack))
+    with time_limit(120):  # fail rather than hang
+        trainer.fit(tiny_gan(schedule, k), datamodule=Stacks(data, stack))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] == 8  # 64 examples / 2 ranks / batch 4
     assert rank0["shape"] == rank1["shape"] == ((stack,) if stack > 1 else ()) + (4, 1, 2, 2)

@@ -228,6 +228,28 @@ def test_collapse_monitor(tmp_path, collapsed: bool) -> None:
         assert 0.8 < metrics["monitor/relative_distance"] < 1.2 and 0.5 < metrics["monitor/relative_nn_distance"] < 2
 
 
+def test_the_monitor_s_d_real_and_d_fake_are_the_eval_mode_discriminator_s_means(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    train, val = digit_like(300, g), digit_like(40, g)
+    torch.manual_seed(0)
+    generator = MLPGenerator(
+        noise_dim=4, hidden_sizes=[8], hidden_activations=["relu"], out_shape=(1, 10, 10), init_range=1.0,
+        output_bias_from_data=False,
+    )  # fmt: skip
+    gan = GAN(generator, MaxoutDiscriminator(in_shape=(1, 10, 10), units=[8, 8], pieces=2, init_range=0.5))
+    monitor = CollapseMonitor(num_samples=len(val), num_reference=100)  # every validation image, in some order
+    trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=[monitor])
+    trainer.validate(gan, datamodule=TinyData(train, val), verbose=False)
+    logged = {key: trainer.callback_metrics[f"monitor/{key}"].item() for key in ("d_real", "d_fake")}
+    # by hand: mean sigmoid of D without dropout, on the validation images and on G's samples of the fixed noise
+    gan.eval()
+    with torch.no_grad():
+        d_real = torch.sigmoid(gan.discriminator(val)).mean().item()
+        d_fake = torch.sigmoid(gan.discriminator(gan.generator(monitor.noise))).mean().item()
+    assert logged == pytest.approx({"d_real": d_real, "d_fake": d_fake}, rel=1e-5)
+    assert abs(d_real - d_fake) > 0.01  # far enough apart that a swap shows
+
+
 def test_progress_bar_shows_losses_and_parzen() -> None:
     bar = GANProgressBar()
     trainer = SimpleNamespace(

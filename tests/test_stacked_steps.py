@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_nets
+from conftest import TINY_NETS, quiet_trainer, tiny_nets
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -156,11 +156,12 @@ def test_the_fast_mnist_config_trains_the_same_stacked_on_real_mnist(real_mnist_
                 "fit", "--config", str(CONFIGS / "mnist_fast.yaml"), f"--data.init_args.data_dir={real_mnist_root}",
                 f"--data.init_args.steps_per_batch={steps_per_batch}",
                 f"--trainer.default_root_dir={tmp_path / str(steps_per_batch)}",
-                "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=30",
-                "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.enable_checkpointing=false",
+                "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=20",
+                "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
+                *TINY_NETS,  # the config's training (Adam, alternating, EMA, stacks of 10) with toy networks
             ]
         )  # fmt: skip
-        assert cli.trainer.global_step == 30
+        assert cli.trainer.global_step == 20  # two stacks of 10 steps
         return cli.model.state_dict()
 
     stacked, single = weights(10), weights(1)
