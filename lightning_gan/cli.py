@@ -121,7 +121,11 @@ class SaveRunConfig(SaveConfigCallback):
             # module's and datamodule's arguments would repeat each setting under a second name.
             trainer.enable_autolog_hparams = False
         if self.continues_run and stage != "fit":
-            return  # the fit's config.yaml and W&B config describe the run; `validate`/`test` add their metrics
+            # the fit's config.yaml and W&B config describe the run; `validate`/`test` add their metrics
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    self._say_where_offline(logger)
+            return
         if not trainer.loggers and not self.already_saved:
             # Without a logger every run writes into `default_root_dir`, with no folder of its own.
             if stage != "fit":
@@ -155,13 +159,16 @@ class SaveRunConfig(SaveConfigCallback):
             if not isinstance(logger, WandbLogger):
                 continue
             logger.experiment.config.update(readable_config(config), allow_val_change=True)
-            if self.offline_notice:
-                sync_dir = Path(logger.experiment.dir).parent.resolve()
-                rank_zero_info(
-                    "W&B: no credentials found (no WANDB_API_KEY, no W&B entry in ~/.netrc), so this run is logged "
-                    f"offline to {sync_dir}\nTo upload it: `wandb login`, then `wandb sync {sync_dir}`. "
-                    "(Set WANDB_MODE=offline to skip this notice, or WANDB_MODE=disabled to turn W&B off.)"
-                )
+            self._say_where_offline(logger)
+
+    def _say_where_offline(self, logger: Any) -> None:
+        if self.offline_notice and isinstance(logger, WandbLogger):
+            sync_dir = Path(logger.experiment.dir).parent.resolve()
+            rank_zero_info(
+                "W&B: no credentials found (no WANDB_API_KEY, no W&B entry in ~/.netrc), so this run is logged "
+                f"offline to {sync_dir}\nTo upload it: `wandb login`, then `wandb sync {sync_dir}`. "
+                "(Set WANDB_MODE=offline to skip this notice, or WANDB_MODE=disabled to turn W&B off.)"
+            )
 
 
 def _wandb_offline_fallback(trainer: Trainer) -> None:

@@ -26,7 +26,6 @@ from lightning_gan.datasets import (
 )
 from lightning_gan.resume import ResumableDataLoader
 
-DatasetName = Literal["mnist", "tfd", "cifar10"]
 Preprocessing = Literal["scale", "gcn"]
 TFDTrainSet = Literal["unlabeled", "train", "full_train"]
 _LOADERS = {"mnist": load_mnist, "tfd": load_tfd, "cifar10": load_cifar10}
@@ -91,7 +90,8 @@ class GANDataModule(LightningDataModule):
     Args:
         dataset: ``"mnist"`` (train[0:50000] / train[50000:60000] / official test, ``(1, 28, 28)``),
             ``"cifar10"`` (train[0:40000] / train[40000:50000] / official test, ``(3, 32, 32)``) or ``"tfd"`` (one
-            fold: ``tfd_train_set`` rows / ``valid`` rows / ``test`` rows, ``(1, s, s)``).
+            fold: ``tfd_train_set`` rows / ``valid`` rows / ``test`` rows, ``(1, s, s)``); any name for a subclass
+            that loads its own data (:meth:`load_splits`).
         data_dir: folder holding the dataset: ``MNIST/raw/`` (IDX files), ``cifar-10-batches-py/`` (python
             batches) or ``TFD_48x48.mat`` / ``TFD_96x96.mat`` (obtained from the TFD owners).
         batch_size: examples per batch on each device (the authors: 100; 128 for the convolutional CIFAR-10 model).
@@ -117,7 +117,7 @@ class GANDataModule(LightningDataModule):
 
     def __init__(
         self,
-        dataset: DatasetName = "mnist",
+        dataset: str = "mnist",
         data_dir: str | Path = "data",
         batch_size: int = 100,
         num_workers: int = 0,

@@ -29,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gan.schedules import ExponentialDecay
+
 if TYPE_CHECKING:
     from lightning_gan.module import GAN
 
@@ -240,9 +242,13 @@ class CudaGraphTraining:
         return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
 
     def _batch_graphed_step(self: GAN) -> Callable[[Tensor, bool], None]:
-        """:meth:`_graphed_training_step` for this batch's steps, with the optimizers' graph constants read once: they
-        change only between batches (the momentum ramp steps at an epoch's end)."""
-        return partial(self._graphed_training_step, constants=graph_constants([self._optimizer(0), self._optimizer(1)]))
+        """:meth:`_graphed_training_step` for this batch's steps, with the optimizers' graph constants read once: the
+        authors' schedules change them only between batches (the momentum ramp steps at an epoch's end), but another
+        per-update scheduler may change one at any step (e.g. a cycled momentum), so then they are read every step."""
+        optimizers = [self._optimizer(0), self._optimizer(1)]
+        if any(not isinstance(scheduler, ExponentialDecay) for scheduler, _ in self._d_decay + self._g_decay):
+            return lambda real, log: self._graphed_training_step(real, log, graph_constants(optimizers))
+        return partial(self._graphed_training_step, constants=graph_constants(optimizers))
 
     def _graphed_training_step(self: GAN, real: Tensor, log: bool, constants: tuple[Any, ...]) -> None:
         """One step's update replayed; ``constants``: :func:`graph_constants` of the optimizers."""

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lightning_gan.averaging import GeneratorAveraging
 from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
@@ -258,19 +258,29 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         ]
 
     def _check_other_schedulers(self) -> None:
-        """Refuse a ``ReduceLROnPlateau`` that nothing gives its metric (Lightning's manual optimization drops the
-        scheduler dict's ``monitor``)."""
-        plateaus = [
-            config
+        """Refuse other schedulers that the authors' decay would undo, and a ``ReduceLROnPlateau`` that nothing gives
+        its metric (Lightning's manual optimization drops the scheduler dict's ``monitor``)."""
+        others = [
+            config.scheduler
             for config in self.trainer.lr_scheduler_configs
-            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
         ]
-        if plateaus and not is_overridden("lr_scheduler_step", self, LightningModule):
+        decayed = [decay.optimizer for decay in self._schedulers(ExponentialDecay)]
+        if any(other.optimizer is optimizer for other in others for optimizer in decayed):
+            raise ValueError(
+                "`lr_decay` (the authors' decay) sets the learning rate from its initial value at every update, which "
+                "would undo the other schedulers that `configure_optimizers` returns: set `lr_decay: 1` "
+                "(--model.init_args.lr_decay=1) to schedule the learning rate with your own."
+            )
+        if any(isinstance(other, ReduceLROnPlateau) for other in others) and not is_overridden(
+            "lr_scheduler_step", self, LightningModule
+        ):
             raise ValueError(
                 "A ReduceLROnPlateau scheduler needs the value of a metric, but under manual optimization Lightning "
                 "drops the scheduler dict's `monitor`: override `lr_scheduler_step(self, scheduler, metric)` to call "
-                "`scheduler.step(self.trainer.callback_metrics['val/d_loss'])` (or the metric you watch), and give "
-                'it `"interval": "epoch"`, so that validation has run.'
+                "`scheduler.step(self.trainer.callback_metrics['val/d_loss'])` (or the metric you watch) for it and "
+                '`super().lr_scheduler_step(scheduler, metric)` for the others, and give it `"interval": "epoch"`, '
+                "so that validation has run."
             )
 
     def _per_update_schedulers(self, optimizer: Optimizer) -> list[tuple[Any, int]]:
@@ -288,7 +298,10 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         """Step ``schedulers`` (:meth:`_per_update_schedulers`) after their optimizer's ``updates``-th update."""
         for scheduler, frequency in schedulers:
             if updates % frequency == 0:
-                self.lr_scheduler_step(scheduler, None)
+                if isinstance(scheduler, ExponentialDecay):
+                    scheduler.step()  # the authors' own, stepped on the hot path without the user's hook
+                else:
+                    self.lr_scheduler_step(scheduler, None)
 
     def _check_optimizers(self) -> None:
         """Refuse optimizers that are not the discriminator's, then the generator's (an overridden
@@ -583,7 +596,7 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             while ramp.last_epoch < self.current_epoch:
                 ramp.step()
         for config in self._other_schedulers("epoch"):
-            if isinstance(config.scheduler, LRScheduler):
+            if isinstance(config.scheduler, LRScheduler) and not isinstance(config.scheduler, ReduceLROnPlateau):
                 while config.scheduler.last_epoch < self.current_epoch // config.frequency:
                     self.lr_scheduler_step(config.scheduler, None)
 
@@ -592,6 +605,8 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         for ramp in self._schedulers(MomentumRamp):
             ramp.step()
         for config in self._other_schedulers("epoch"):
+            if isinstance(config.scheduler, ReduceLROnPlateau) and self.trainer.fit_loop.restarting:
+                continue  # a resume repeating the end of the saved epoch, whose metrics are gone (as Lightning does)
             if (self.current_epoch + 1) % config.frequency == 0:
                 self.lr_scheduler_step(config.scheduler, None)
 
@@ -674,9 +689,15 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         state = checkpoint.get("lightning_gan") or {}
         self._guard.skipped = int(state.get("skipped_updates", 0))
         trainer = self._trainer
-        if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
-            # the loggers' x-axis: the evaluated checkpoint's step (Lightning restores no step outside a fit)
-            trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
+        loop = trainer.fit_loop.epoch_loop if trainer is not None else None
+        if (
+            loop is not None
+            and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+            and not loop._batches_that_stepped
+        ):
+            # the loggers' x-axis: the evaluated checkpoint's step (Lightning restores no step outside a fit), for a
+            # trainer that has not fitted (one that has keeps counting its own steps)
+            loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
         if trainer is None or trainer.state.fn != TrainerFn.FITTING or "rng_states" not in state:
             return
         states = state["rng_states"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -194,21 +195,51 @@ def test_own_schedulers_step_per_update_and_per_epoch() -> None:
 
 
 class PlateauGAN(OwnSchedulersGAN):
+    """The documented override: the plateau scheduler gets its metric, the others Lightning's default step."""
+
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        self.plateau_metrics.append(float(self.trainer.callback_metrics["val/d_loss"]))
-        scheduler.step(self.plateau_metrics[-1])
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.plateau_metrics.append(float(self.trainer.callback_metrics["val/d_loss"]))
+            scheduler.step(self.plateau_metrics[-1])
+        else:
+            super().lr_scheduler_step(scheduler, metric)
 
 
 def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> None:
-    plateau = {0: lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}
+    schedulers = {
+        0: lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+        1: lambda opt: {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), "interval": "step"},
+    }
     with pytest.raises(ValueError, match=r"override `lr_scheduler_step\(self, scheduler, metric\)`"):
-        trainer().fit(OwnSchedulersGAN(plateau), loader(2), loader(2))
-    gan = PlateauGAN(plateau)
+        trainer().fit(OwnSchedulersGAN(schedulers), loader(2), loader(2))
+    gan = PlateauGAN(schedulers)
     gan.plateau_metrics = []
     trainer(max_epochs=3).fit(gan, loader(2), loader(2))
     assert len(gan.plateau_metrics) == 3  # once per epoch, after validation
     scheduler = gan.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 3 and scheduler.best in gan.plateau_metrics  # given the metrics
+    assert gan._optimizer(1).param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)  # 6 generator updates
+
+
+def test_own_lr_schedulers_beside_the_authors_decay_are_refused_before_training() -> None:
+    class WithStepLR(GAN):
+        def configure_optimizers(self):
+            optimizers, schedulers = super().configure_optimizers()
+            return optimizers, [*schedulers, torch.optim.lr_scheduler.StepLR(optimizers[1], 1, 0.5)]
+
+    gan = WithStepLR(*tiny_nets())  # the default lr_decay, which would undo the StepLR at every update
+    with pytest.raises(ValueError, match=r"`lr_decay` \(the authors' decay\) .* set `lr_decay: 1`"):
+        trainer().fit(gan, loader(2))
+    assert gan.global_step == 0
+    trainer().fit(WithStepLR(*tiny_nets(), lr_decay=1.0), loader(2))
+
+
+def test_evaluating_a_checkpoint_after_a_fit_keeps_the_trainer_s_step_count(tmp_path: Path) -> None:
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    t = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[every_epoch])
+    t.fit(tiny_gan(), loader(4))
+    t.validate(ckpt_path=tmp_path / "epoch=0-step=4.ckpt", dataloaders=loader(1), verbose=False)
+    assert t.fit_loop.epoch_loop._batches_that_stepped == t.global_step == 8  # the trainer's, not the checkpoint's
 
 
 class WeightDecayGAN(GAN):
