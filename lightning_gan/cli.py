@@ -77,9 +77,11 @@ def wandb_run_of(ckpt_path: str | os.PathLike) -> str | None:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None  # Lightning reports an unreadable checkpoint when it loads it
-    state = (checkpoint.get("callbacks") or {}).get(SaveRunConfig.__qualname__) or {}
-    run_id = state.get("wandb_run_id")
-    return run_id if isinstance(run_id, str) else None
+    for state in (checkpoint.get("callbacks") or {}).values():  # SaveRunConfig's, or a subclass's (another key)
+        run_id = state.get("wandb_run_id") if isinstance(state, dict) else None
+        if isinstance(run_id, str):
+            return run_id
+    return None
 
 
 def readable_config(config: Any) -> Any:
