@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -258,6 +259,10 @@ class InterruptCheckpoint(Callback):
             return
         path = folder / f"{self.filename}.ckpt"
         trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.mark_preempting()  # W&B shows the run as preempted (to resume), not finished
         rank_zero_info(
             f"Training stopped at epoch {trainer.current_epoch}, global step {trainer.global_step}; saved {path}. "
             f"Resume with `--ckpt_path {path}` (lightning-gan fit) or `trainer.fit(..., ckpt_path=...)`."

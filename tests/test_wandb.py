@@ -8,13 +8,16 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
@@ -251,3 +254,23 @@ def test_a_bad_wandb_project_name_is_a_usage_error(mnist_root: Path, wandb_home:
     assert exit_info.value.code == 2
     assert "Invalid project name 'my/project'" in capsys.readouterr().err
     assert not (wandb_home / "logs").exists()
+
+
+def test_a_run_stopped_by_sigterm_is_marked_preempted_in_wandb(mnist_root: Path, wandb_home: Path) -> None:
+    logs = wandb_home / "logs"
+    with pytest.raises(SystemExit):  # Lightning exits after the interruption checkpoint
+        main(quickstart_args(mnist_root, logs, "--trainer.max_epochs=3", "--trainer.callbacks+=test_wandb.SigtermAt2"))
+    wandb.finish(exit_code=1)  # as wandb's exit hook does when the process ends
+    wandb.teardown()
+    (run,) = (logs / "wandb").glob("offline-run-*")
+    records = read_wandb_records(next(run.glob("run-*.wandb")))
+    assert any(record.HasField("preempting") for record in records)
+    assert (logs / "lightning-gan" / run.name.rsplit("-", 1)[-1] / "checkpoints" / "interrupted.ckpt").is_file()
+
+
+class SigtermAt2(Callback):
+    """Sends this process SIGTERM after the second training step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
