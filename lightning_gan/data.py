@@ -130,7 +130,7 @@ class GANDataModule(LightningDataModule):
         steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
-        if dataset not in _LOADERS and type(self).load_splits is GANDataModule.load_splits:
+        if dataset not in _LOADERS and not self._loads_own_data:
             raise ValueError(
                 f"Unknown dataset {dataset!r}; expected one of {sorted(_LOADERS)}. Set `data.dataset` accordingly."
             )
@@ -208,11 +208,13 @@ class GANDataModule(LightningDataModule):
         return getattr(self.splits, name)
 
     @property
+    def _loads_own_data(self) -> bool:
+        return type(self).load_splits is not GANDataModule.load_splits
+
+    @property
     def dataset_name(self) -> str:
         """The data's name in results: the paper's dataset, or the class of a subclass that loads its own."""
-        if type(self).load_splits is not GANDataModule.load_splits:
-            return type(self).__name__
-        return _DATASET_NAMES[self.dataset]
+        return type(self).__name__ if self._loads_own_data else _DATASET_NAMES[self.dataset]
 
     def pixel_mean(self) -> Tensor:
         """Per-pixel mean of the training split ``(C, H, W)``, e.g. to start a generator's output bias."""
