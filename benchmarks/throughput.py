@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +84,10 @@ def update_left_out(gan: GAN) -> Iterator[None]:
 
     gan._graphs_need_cuda = False
     gan._graph_update = no_update
-    capturable = GraphedUpdates.__dict__["capturable"]  # the staticmethod itself, so that it is restored as one
-    GraphedUpdates.capturable = staticmethod(lambda real: False)
-    try:
-        with warnings.catch_warnings():  # the decays step while no optimizer does, which torch warns about
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
-            yield
-    finally:
-        GraphedUpdates.capturable = capturable
+    with mock.patch.object(GraphedUpdates, "capturable", staticmethod(lambda real: False)), warnings.catch_warnings():
+        # the decays step while no optimizer does, which torch warns about
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+        yield
 
 
 FAST_PATH = ("--data.init_args.device_resident=true", "--model.init_args.cuda_graph=true")

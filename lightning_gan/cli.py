@@ -185,6 +185,8 @@ class GANCLI(LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
     ``lightning_logs/``), offline without credentials, and :class:`~lightning_gan.monitor.GANProgressBar`."""
 
+    _continued_run: str | None = None  # the W&B run id read from --ckpt_path's checkpoint, if it continues one
+
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
@@ -209,7 +211,6 @@ class GANCLI(LightningCLI):
         loggers = config.get("trainer", {}).get("logger")
         loggers = loggers if isinstance(loggers, list) else [loggers]
         ckpt_path = config.get("ckpt_path")
-        self._continued_run: str | None = None
         for logger in loggers:
             if not (isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(".WandbLogger")):
                 continue
@@ -270,7 +271,7 @@ class GANCLI(LightningCLI):
             kwargs["callbacks"] = callbacks
         built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
         _wandb_offline_fallback(built)
-        if getattr(self, "_continued_run", None):
+        if self._continued_run:
             for callback in built.callbacks:
                 if isinstance(callback, SaveRunConfig):
                     callback.continues_run = True

@@ -242,29 +242,28 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
 
     def _schedulers(self, kind: type, optimizer: Optimizer | None = None) -> list[Any]:
         """This module's schedulers of type ``kind`` (of ``optimizer`` only, if given)."""
-        schedulers = self.lr_schedulers()
-        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, Sequence) else [schedulers]
-        return [s for s in schedulers if isinstance(s, kind) and optimizer in (None, s.optimizer)]
+        return [
+            config.scheduler
+            for config in self.trainer.lr_scheduler_configs
+            if isinstance(config.scheduler, kind) and optimizer in (None, config.scheduler.optimizer)
+        ]
 
-    def _other_schedulers(self, interval: str) -> list[LRSchedulerConfig]:
-        """The schedulers of an overridden ``configure_optimizers`` with this ``interval``, besides the authors' (which
-        are stepped by type). Manual optimization leaves every scheduler to the module: ``GAN`` steps them as
-        Lightning's automatic optimization would, through :meth:`lr_scheduler_step`, counting each optimizer's own
-        updates for ``interval: "step"``."""
+    def _other_schedulers(self, interval: str | None = None) -> list[LRSchedulerConfig]:
+        """The schedulers of an overridden ``configure_optimizers`` (with this ``interval``, if given), besides the
+        authors' (which are stepped by type). Manual optimization leaves every scheduler to the module: ``GAN`` steps
+        them as Lightning's automatic optimization would, through :meth:`lr_scheduler_step`, counting each
+        optimizer's own updates for ``interval: "step"``."""
         return [
             config
             for config in self.trainer.lr_scheduler_configs
-            if config.interval == interval and not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
+            if interval in (None, config.interval)
+            and not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
         ]
 
     def _check_other_schedulers(self) -> None:
         """Refuse other schedulers that the authors' decay would undo, and a ``ReduceLROnPlateau`` that nothing gives
         its metric (Lightning's manual optimization drops the scheduler dict's ``monitor``)."""
-        others = [
-            config.scheduler
-            for config in self.trainer.lr_scheduler_configs
-            if not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
-        ]
+        others = [config.scheduler for config in self._other_schedulers()]
         decayed = [decay.optimizer for decay in self._schedulers(ExponentialDecay)]
         if any(other.optimizer is optimizer for other in others for optimizer in decayed):
             raise ValueError(
