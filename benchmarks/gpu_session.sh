@@ -3,8 +3,9 @@
 # measured).
 #
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
-#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~3-4 min)
+#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~2-3 min)
 #   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
+#   bash benchmarks/gpu_session.sh profile             # on the GPU: kernels per update, replays with and without TF32
 #
 # `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
 # ../shared/datasets). The GPU machine needs a python3 with pip, torch, lightning, torchvision, torchmetrics, scipy,
@@ -47,8 +48,13 @@ check)
     python3 benchmarks/throughput.py --device cuda --steps 1000 --warmup 100 --repeats 2 --data-dir .device-data \
         2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
     ;;
+profile)
+    use_wheels
+    python3 benchmarks/update_profile.py --data-dir .device-data 2>&1 \
+        | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/update_profile.txt"
+    ;;
 reproduce)
-    [[ $# -ge 3 ]] || { sed -n '2,12p' "$0"; exit 2; }
+    [[ $# -ge 3 ]] || { sed -n '2,13p' "$0"; exit 2; }
     use_wheels
     config="$2" minutes="$3"
     shift 3
@@ -57,7 +63,7 @@ reproduce)
         --eval-every 20 --out "$OUT" --name "$name" -- "$@" 2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

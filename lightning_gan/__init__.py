@@ -1,6 +1,6 @@
 """lightning-gan: the original Generative Adversarial Nets (Goodfellow et al., 2014) as a Lightning plug-in."""
 
-from lightning_gan.callbacks import ParzenEvaluation
+from lightning_gan.callbacks import MatmulPrecision, ParzenEvaluation
 from lightning_gan.conv_nets import ConvMaxoutDiscriminator, DeconvGenerator, MaxoutConv2d
 from lightning_gan.data import GANDataModule
 from lightning_gan.figures import LatentInterpolation, SampleGrid
@@ -22,6 +22,7 @@ __all__ = [
     "GANProgressBar",
     "LatentInterpolation",
     "MLPGenerator",
+    "MatmulPrecision",
     "Maxout",
     "MaxoutConv2d",
     "MaxoutDiscriminator",

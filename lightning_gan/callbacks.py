@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,7 +24,42 @@ from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
 
 # The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
-__all__ = ["CollapseMonitor", "GANProgressBar", "LatentInterpolation", "ParzenEvaluation", "SampleGrid"]
+__all__ = [
+    "CollapseMonitor",
+    "GANProgressBar",
+    "LatentInterpolation",
+    "MatmulPrecision",
+    "ParzenEvaluation",
+    "SampleGrid",
+]
+
+MatmulPrecisionLevel = Literal["highest", "high", "medium"]
+
+
+class MatmulPrecision(Callback):
+    """Sets torch's float32 matmul precision (:func:`torch.set_float32_matmul_precision`) for a run, in every
+    process, and puts the previous one back at its end.
+
+    ``"high"`` lets CUDA use TF32 tensor cores (a 10-bit mantissa) for float32 matrix products: on an H200 the MNIST
+    networks' captured update ran 1.33x faster (README "Results and speed"). Torch's default is ``"highest"`` (full
+    float32), which the configs keep. :func:`~lightning_gan.parzen_log_likelihood` always computes at ``"highest"``.
+    On a CPU it changes nothing.
+    """
+
+    def __init__(self, precision: MatmulPrecisionLevel = "high") -> None:
+        if precision not in ("highest", "high", "medium"):
+            raise ValueError(f"MatmulPrecision: precision must be 'highest', 'high' or 'medium', got {precision!r}.")
+        self.precision = precision
+        self._previous: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            torch.set_float32_matmul_precision(self._previous)
+            self._previous = None
 
 
 class ParzenEvaluation(Callback):

@@ -112,14 +112,38 @@ def test_throughput_times_every_variant(
         fast,
         f"{fast}, metrics every 500 steps",
         f"{fast}, 10 steps per batch",
+        f"{fast}, 10 steps per batch, metrics every 500 steps",
         loop,
         f"{loop}, 10 steps per batch",
-    ]  # and no "captured update alone" off CUDA
+    ]  # and no TF32 rows nor "captured update alone" off CUDA
     rows = table_rows(printed)
     assert list(rows) == variants, printed
     assert all(float(median) > 0 and float(median) == float(runs) for median, runs in rows.values()), printed
-    for name in ("lightning-gan", fast, f"{fast}, 10 steps per batch"):
+    for name in (
+        "lightning-gan",
+        fast,
+        f"{fast}, 10 steps per batch",
+        f"{fast}, 10 steps per batch, metrics every 500 steps",
+    ):
         assert re.search(rf"^{re.escape(name)} / plain \(same math\): \d+\.\d\dx", printed, re.M), printed
+
+
+def test_update_profile_profiles_and_times_the_update(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())
+    config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] = [16, 16]
+    config["model"]["init_args"]["discriminator"]["init_args"]["units"] = [8, 8]
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    argv = ["update_profile.py", f"--configs={tmp_path / 'tiny.yaml'}", f"--data-dir={mnist_root}", "--fit-steps=4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--device=cpu"])
+    load_script("update_profile").main()
+    printed = capsys.readouterr().out
+    assert re.search(r"^  kernels per update 0\.0, kernel time per update 0\.0 us$", printed, re.M), printed  # no CUDA
+    # 20 profiled updates of 9 layers each: the generator's 3, the discriminator's 3 on the real and the fake batch
+    assert re.search(r"aten::addmm .* 180 *$", printed, re.M), printed
+    assert re.search(r"^  eager update alone \d+\.\d steps/s$", printed, re.M), printed
+    assert "replay alone" not in printed  # CUDA only
 
 
 def test_parzen_benchmark_compares_every_method(

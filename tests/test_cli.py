@@ -14,7 +14,7 @@ import torch
 from conftest import TINY_NETS
 from lightning.pytorch import Callback
 
-from lightning_gan import GAN
+from lightning_gan import GAN, MatmulPrecision
 from lightning_gan.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -220,3 +220,16 @@ def test_checkpointing_switched_off_leaves_out_the_config_s_checkpoints(mnist_ro
     cli = build_cli(fit_args(mnist_root, tmp_path, "--trainer.enable_checkpointing=false"))
     assert cli.trainer.global_step == 4 and cli.trainer.checkpoint_callbacks == []
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_matmul_precision_is_a_config_callback(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    callback = ["--trainer.callbacks+=lightning_gan.MatmulPrecision", "--trainer.callbacks.precision=medium"]
+    cli = build_cli(fit_args(mnist_root, tmp_path, *callback)[1:], run=False)  # [1:]: no subcommand
+    (precision,) = [c for c in cli.trainer.callbacks if isinstance(c, MatmulPrecision)]
+    assert precision.precision == "medium"
+    callback[1] = "--trainer.callbacks.precision=fast"
+    with pytest.raises(SystemExit):  # a usage error naming the choices, before anything runs
+        build_cli(fit_args(mnist_root, tmp_path, *callback)[1:], run=False)
+    assert "Expected a typing.Literal['highest', 'high', 'medium']. Got value: fast" in capsys.readouterr().err

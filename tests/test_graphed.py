@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gan import GAN
+from lightning_gan import GAN, MatmulPrecision
 from lightning_gan.graphed import GraphedUpdates, make_graph_safe, restore_settings
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 
@@ -274,3 +274,18 @@ def test_on_a_gpu_the_fast_path_never_waits_for_the_device(tmp_path: Path) -> No
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert check.checked == 3 * BATCHES - 4 and gan._graphs.captures == 1
+
+
+class RecordMatmulPrecision(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen = torch.get_float32_matmul_precision()
+
+
+def test_matmul_precision_holds_for_the_run_and_is_put_back(tmp_path: Path) -> None:
+    assert torch.get_float32_matmul_precision() == "highest"  # torch's default
+    record = RecordMatmulPrecision()
+    fit(make_gan(), tmp_path, callbacks=[MatmulPrecision("medium"), record])
+    assert record.seen == "medium"
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ValueError, match="precision must be 'highest', 'high' or 'medium', got 'tf32'"):
+        MatmulPrecision("tf32")  # type: ignore[arg-type]

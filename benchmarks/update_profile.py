@@ -1,0 +1,86 @@
+"""Where the fast path's update spends the GPU's time: kernels per update, and the captured update's speed at each
+float32 matmul precision.
+
+    python benchmarks/update_profile.py --data-dir ../shared/datasets
+
+For each config (``configs/mnist.yaml`` and ``configs/mnist_fast.yaml`` by default), with the fast path's flags: a
+short fit, then 20 of its updates run eagerly under ``torch.profiler`` (kernels per update, the device's kernel time
+per update, the 25 heaviest operations), then the eager update alone, then the captured update replayed alone
+(as ``benchmarks/throughput.py``'s "captured update alone") with matmuls at torch's default ``"highest"`` precision
+and at ``"high"`` (TF32), twice each, interleaved. On an H200 the captured update replays in about the time its
+kernels take to run (launch gaps cost little inside a graph), and float32 matrix products at batch 100 are over half of
+that time (``results/h200_update_profile.md``): TF32 is what shortens them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from bench_common import bench_trainer, sync  # noqa: E402
+from throughput import FAST_PATH, load, replay_steps_per_s  # noqa: E402
+
+PROFILED = 20
+
+
+class KernelProfile(Callback):
+    """At the end of a short fit: the fast path's update run eagerly, profiled, then timed."""
+
+    def on_train_end(self, trainer, gan) -> None:
+        cuda = gan.device.type == "cuda"
+        real = trainer.datamodule.splits.train.images[: trainer.datamodule.batch_size].to(gan.device)
+        for _ in range(5):
+            gan._graph_update(real, True)
+        sync(gan.device)
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            for _ in range(PROFILED):
+                gan._graph_update(real, True)
+            sync(gan.device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_us = sum(e.device_time for e in kernels) / PROFILED
+        print(f"  kernels per update {len(kernels) / PROFILED:.1f}, kernel time per update {kernel_us:.1f} us")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25))
+        start = time.perf_counter()
+        for _ in range(200):
+            gan._graph_update(real, True)
+        sync(gan.device)
+        print(f"  eager update alone {200 / (time.perf_counter() - start):.1f} steps/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument(
+        "--configs", type=Path, nargs="+", default=[ROOT / "configs" / f"{c}.yaml" for c in ("mnist", "mnist_fast")]
+    )
+    parser.add_argument("--fit-steps", type=int, default=30, help="training steps before profiling")
+    parser.add_argument("--replays", type=int, default=2000, help="timed replays per precision (CUDA only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    for config in args.configs:
+        print(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config, flush=True)
+        cli = load(config, args.data_dir, *FAST_PATH)
+        cli.model._graphs_need_cuda = args.device == "cuda"  # on a CPU: the same update, eagerly
+        bench_trainer(args.device, [KernelProfile()], max_steps=args.fit_steps).fit(
+            cli.model, datamodule=cli.datamodule
+        )
+        if args.device != "cuda":
+            continue
+        for precision in ("highest", "high", "highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            steps_per_s = replay_steps_per_s(config, args.data_dir, args.replays, 100, args.device, *FAST_PATH)
+            print(f"  replay alone, matmul precision {precision}: {steps_per_s:.1f} steps/s", flush=True)
+        torch.set_float32_matmul_precision("highest")
+
+
+if __name__ == "__main__":
+    main()
