@@ -57,6 +57,12 @@ class MatmulPrecision(Callback):
         torch.set_float32_matmul_precision(self.precision)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()  # a failed run never reaches ``teardown``
+
+    def _restore(self) -> None:
         if self._previous is not None:
             torch.set_float32_matmul_precision(self._previous)
             self._previous = None

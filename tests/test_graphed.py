@@ -225,7 +225,7 @@ def test_graphed_updates_warm_up_each_variant_and_shape_and_recapture_when_const
 
 
 class NeverCaptured(GAN):
-    """The fast path's update and bookkeeping, run eagerly: every call is a warm-up call."""
+    """The fast path's update and bookkeeping, every call run eagerly (on the default stream)."""
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -277,15 +277,28 @@ def test_on_a_gpu_the_fast_path_never_waits_for_the_device(tmp_path: Path) -> No
 
 
 class RecordMatmulPrecision(Callback):
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen = torch.get_float32_matmul_precision()
+        if self.fail:
+            raise RuntimeError("a run that fails")
 
 
 def test_matmul_precision_holds_for_the_run_and_is_put_back(tmp_path: Path) -> None:
-    assert torch.get_float32_matmul_precision() == "highest"  # torch's default
-    record = RecordMatmulPrecision()
-    fit(make_gan(), tmp_path, callbacks=[MatmulPrecision("medium"), record])
-    assert record.seen == "medium"
-    assert torch.get_float32_matmul_precision() == "highest"
+    torch.set_float32_matmul_precision("high")  # not torch's default: the one in place before the run comes back
+    try:
+        record = RecordMatmulPrecision()
+        fit(make_gan(), tmp_path, callbacks=[MatmulPrecision("medium"), record])
+        assert record.seen == "medium"
+        assert torch.get_float32_matmul_precision() == "high"
+        failing = RecordMatmulPrecision(fail=True)
+        with pytest.raises(RuntimeError, match="a run that fails"):
+            fit(make_gan(), tmp_path, callbacks=[MatmulPrecision("medium"), failing])
+        assert failing.seen == "medium"
+        assert torch.get_float32_matmul_precision() == "high"  # also after a failed run
+    finally:
+        torch.set_float32_matmul_precision("highest")
     with pytest.raises(ValueError, match="precision must be 'highest', 'high' or 'medium', got 'tf32'"):
         MatmulPrecision("tf32")  # type: ignore[arg-type]
