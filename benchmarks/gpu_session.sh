@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
 #   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~2-3 min)
 #   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
+#       (PRECISION=high before it: with TF32 matmuls)
 #   bash benchmarks/gpu_session.sh profile             # on the GPU: kernels per update, replays with and without TF32
 #
 # `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
@@ -54,16 +55,16 @@ profile)
         | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/update_profile.txt"
     ;;
 reproduce)
-    [[ $# -ge 3 ]] || { sed -n '2,13p' "$0"; exit 2; }
+    [[ $# -ge 3 ]] || { sed -n '2,14p' "$0"; exit 2; }
     use_wheels
     config="$2" minutes="$3"
     shift 3
     name="$(basename "$config" .yaml)_$(date +%H%M%S)"
     python3 benchmarks/reproduce_mnist.py --config "$config" --data-dir .device-data --minutes "$minutes" \
-        --eval-every 20 --out "$OUT" --name "$name" -- "$@" 2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
+        --eval-every 20 --out "$OUT" --name "$name" ${PRECISION:+--matmul-precision "$PRECISION"} -- "$@" 2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\)"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback
 from torchvision.utils import save_image
 
+from lightning_gan import MatmulPrecision
 from lightning_gan.parzen import parzen_log_likelihood, select_sigma
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,9 @@ class ParzenTable(Callback):
         self.rows: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.evaluated_at_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.precision = torch.get_float32_matmul_precision()  # the run's (after MatmulPrecision's setup)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         sync(pl_module.device)
@@ -100,7 +104,7 @@ class ParzenTable(Callback):
         lines = [
             f"# {self.args.config.name} on {self.hardware}",
             "",
-            f"Flags: {' '.join(self.args.cli_overrides) or 'none'}.",
+            f"Flags: {' '.join(self.args.cli_overrides) or 'none'}. Float32 matmul precision: {self.precision}.",
             "",
             f"Parzen protocol: {self.args.num_samples} samples, sigma from {self.args.val_size} validation images, "
             f"{self.args.test_size} test images.",
@@ -135,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-seed", type=int, default=1234)
     parser.add_argument("--limit-train-batches", type=float, default=1.0, help="for smoke runs")
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high", "medium"],
+        default=None,
+        help="float32 matmul precision of the run (lightning_gan.MatmulPrecision; high: TF32); default: torch's own",
+    )
     parser.add_argument("cli_overrides", nargs="*", help="extra LightningCLI flags, e.g. --model.init_args.k=2")
     return parser.parse_args(argv)
 
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     table = ParzenTable(args, args.out / f"reproduce_{args.name or args.config.stem}", hardware)
     trainer = bench_trainer(
         accelerator,
-        [table],
+        [table, *([MatmulPrecision(args.matmul_precision)] if args.matmul_precision else [])],
         max_epochs=args.max_epochs if args.max_epochs is not None else -1,
         max_time={"minutes": args.minutes} if args.minutes is not None else None,
         limit_train_batches=args.limit_train_batches,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import TINY_NETS
 from test_datasets import tfd_arrays, write_tfd
@@ -32,7 +33,7 @@ def test_reproduce_mnist_writes_its_tables(mnist_root: Path, tmp_path: Path) -> 
         [
             f"--data-dir={mnist_root}", f"--out={tmp_path}", "--max-epochs=2", "--eval-every=1",
             "--limit-train-batches=3", "--num-samples=300", "--val-size=50", "--test-size=80", "--accelerator=cpu",
-            "--", "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
+            "--matmul-precision=medium", "--", "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
             "--model.init_args.discriminator.init_args.units=[8,8]",
         ]
     )  # fmt: skip
@@ -44,6 +45,8 @@ def test_reproduce_mnist_writes_its_tables(mnist_root: Path, tmp_path: Path) -> 
     markdown = (tmp_path / "reproduce_mnist.md").read_text()
     assert "Selected by validation LL" in markdown
     assert "Flags: --model.init_args.generator.init_args.hidden_sizes=[16,16]" in markdown
+    assert "Float32 matmul precision: medium." in markdown  # the run's, put back after it:
+    assert torch.get_float32_matmul_precision() == "highest"
     assert (tmp_path / "reproduce_mnist_samples.png").stat().st_size > 0
 
 
