@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -47,7 +47,7 @@ class MatmulPrecision(Callback):
     """
 
     def __init__(self, precision: MatmulPrecisionLevel = "high") -> None:
-        if precision not in ("highest", "high", "medium"):
+        if precision not in get_args(MatmulPrecisionLevel):
             raise ValueError(f"MatmulPrecision: precision must be 'highest', 'high' or 'medium', got {precision!r}.")
         self.precision = precision
         self._previous: str | None = None
