@@ -246,7 +246,7 @@ class CudaGraphTraining:
         authors' schedules change them only between batches (the momentum ramp steps at an epoch's end), but another
         per-update scheduler may change one at any step (e.g. a cycled momentum), so then they are read every step."""
         optimizers = [self._optimizer(0), self._optimizer(1)]
-        if any(not isinstance(scheduler, ExponentialDecay) for scheduler, _ in self._d_decay + self._g_decay):
+        if any(not isinstance(scheduler, ExponentialDecay) for scheduler, _, _ in self._d_decay + self._g_decay):
             return lambda real, log: self._graphed_training_step(real, log, graph_constants(optimizers))
         return partial(self._graphed_training_step, constants=graph_constants(optimizers))
 

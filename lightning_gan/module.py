@@ -13,7 +13,8 @@ multiples of S.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -282,25 +283,24 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
                 "so that validation has run."
             )
 
-    def _per_update_schedulers(self, optimizer: Optimizer) -> list[tuple[Any, int]]:
-        """``(scheduler, frequency)`` for the schedulers stepped after every ``frequency``-th update of
-        ``optimizer``: the authors' decay, and any other with ``interval: "step"``."""
-        schedulers = [(decay, 1) for decay in self._schedulers(ExponentialDecay, optimizer)]
+    def _per_update_schedulers(self, optimizer: Optimizer) -> list[tuple[Any, int, Callable[[], Any]]]:
+        """``(scheduler, frequency, step)`` for the schedulers stepped after every ``frequency``-th update of
+        ``optimizer``: the authors' decay (its own ``step``, on the hot path without the user's hook), and any other
+        with ``interval: "step"`` (through :meth:`lr_scheduler_step`)."""
+        schedulers = [(decay, 1, decay.step) for decay in self._schedulers(ExponentialDecay, optimizer)]
         schedulers += [
-            (config.scheduler, config.frequency)
+            (config.scheduler, config.frequency, partial(self.lr_scheduler_step, config.scheduler, None))
             for config in self._other_schedulers("step")
             if config.scheduler.optimizer is optimizer
         ]
         return schedulers
 
-    def _step_per_update(self, schedulers: list[tuple[Any, int]], updates: int) -> None:
+    @staticmethod
+    def _step_per_update(schedulers: list[tuple[Any, int, Callable[[], Any]]], updates: int) -> None:
         """Step ``schedulers`` (:meth:`_per_update_schedulers`) after their optimizer's ``updates``-th update."""
-        for scheduler, frequency in schedulers:
+        for _, frequency, step in schedulers:
             if updates % frequency == 0:
-                if isinstance(scheduler, ExponentialDecay):
-                    scheduler.step()  # the authors' own, stepped on the hot path without the user's hook
-                else:
-                    self.lr_scheduler_step(scheduler, None)
+                step()
 
     def _check_optimizers(self) -> None:
         """Refuse optimizers that are not the discriminator's, then the generator's (an overridden
@@ -425,7 +425,11 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         return real.shape[0] if stacked else 1
 
     def _update(
-        self, optimizer: LightningOptimizer, network: nn.Module, decays: list[tuple[Any, int]], counted: bool
+        self,
+        optimizer: LightningOptimizer,
+        network: nn.Module,
+        decays: list[tuple[Any, int, Callable[[], Any]]],
+        counted: bool,
     ) -> None:
         if counted:
             optimizer.step()
