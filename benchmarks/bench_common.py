@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_gan import MatmulPrecision
 from lightning_gan.cli import build_cli
 
 
@@ -23,8 +24,11 @@ def load_cli(config: Path, data_dir: Path, *overrides: str) -> LightningCLI:
         return build_cli([*flags, "--trainer.enable_progress_bar=false", *overrides], run=False)
 
 
-def bench_trainer(accelerator: str, callbacks: list[Callback], **limits: Any) -> Trainer:
-    """One device, no validation, logger, checkpoints, progress bar or summary; ``limits`` as for ``Trainer``."""
+def bench_trainer(
+    accelerator: str, callbacks: list[Callback], matmul_precision: str | None = None, **limits: Any
+) -> Trainer:
+    """One device, no validation, logger, checkpoints, progress bar or summary; ``limits`` as for ``Trainer``;
+    ``matmul_precision``: the run's float32 matmul precision (:class:`~lightning_gan.MatmulPrecision`), else torch's."""
     return Trainer(
         accelerator=accelerator,
         devices=1,
@@ -34,10 +38,15 @@ def bench_trainer(accelerator: str, callbacks: list[Callback], **limits: Any) ->
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([MatmulPrecision(matmul_precision)] if matmul_precision else [])],
         default_root_dir=tempfile.mkdtemp(),
         **limits,
     )
+
+
+def resolve_accelerator(name: str) -> str:
+    """``"auto"`` as Lightning resolves it for one device here (``"gpu"`` with CUDA, else ``"cpu"``), else ``name``."""
+    return ("gpu" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def sync(device: torch.device) -> None:

@@ -23,13 +23,12 @@ import torch
 from lightning.pytorch import Callback
 from torchvision.utils import save_image
 
-from lightning_gan import MatmulPrecision
 from lightning_gan.parzen import parzen_log_likelihood, select_sigma
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import bench_trainer, load_cli, sync  # noqa: E402
+from bench_common import bench_trainer, load_cli, resolve_accelerator, sync  # noqa: E402
 
 COLUMNS = ["epoch", "train_seconds", "steps_per_s", "sigma", "val_ll", "test_ll", "test_se"]
 
@@ -155,15 +154,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     if args.minutes is None and args.max_epochs is None:
         raise SystemExit("Give a budget: --minutes and/or --max-epochs.")
     cli = load_cli(args.config, args.data_dir, *args.cli_overrides)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = resolve_accelerator(args.accelerator)
     threads = torch.get_num_threads()
     hardware = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {threads} thread{'s' * (threads > 1)}"
     table = ParzenTable(args, args.out / f"reproduce_{args.name or args.config.stem}", hardware)
     trainer = bench_trainer(
         accelerator,
-        [table, *([MatmulPrecision(args.matmul_precision)] if args.matmul_precision else [])],
+        [table],
+        args.matmul_precision,
         max_epochs=args.max_epochs if args.max_epochs is not None else -1,
         max_time={"minutes": args.minutes} if args.minutes is not None else None,
         limit_train_batches=args.limit_train_batches,

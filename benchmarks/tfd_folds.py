@@ -30,7 +30,7 @@ from lightning_gan.datasets import TFD_FOLDS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import bench_trainer, load_cli  # noqa: E402
+from bench_common import bench_trainer, load_cli, resolve_accelerator  # noqa: E402
 
 COLUMNS = ["fold", "sigma", "test_examples", "test_ll", "test_se"]
 
@@ -79,9 +79,7 @@ def across_folds(test_lls: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     """Evaluate every fold; returns one row per fold."""
     args = parse_args(argv)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = resolve_accelerator(args.accelerator)
     rows: list[dict[str, float]] = []
     ckpt_paths: list[Path] = []
     for fold in range(TFD_FOLDS):

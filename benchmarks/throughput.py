@@ -53,7 +53,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_common import bench_trainer, load_cli, sync  # noqa: E402
 
-from lightning_gan import GAN, MatmulPrecision  # noqa: E402
+from lightning_gan import GAN  # noqa: E402
 from lightning_gan.graphed import GraphedUpdates, graph_constants  # noqa: E402
 
 
@@ -115,8 +115,8 @@ def lightning_steps_per_s(
 ) -> float:
     cli = load(config, data_dir, *overrides)
     timer = StepTimer(warmup)
-    callbacks = [timer, *([MatmulPrecision("high")] if tf32 else [])]
-    trainer = bench_trainer(device, callbacks, max_steps=steps + warmup, log_every_n_steps=log_every_n_steps)
+    precision = "high" if tf32 else None
+    trainer = bench_trainer(device, [timer], precision, max_steps=steps + warmup, log_every_n_steps=log_every_n_steps)
     with update_left_out(cli.model) if loop_only else contextlib.nullcontext():
         trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.steps_per_s
@@ -153,7 +153,7 @@ def replay_steps_per_s(
     """Fit the fast path until its update is captured, then time the graph's replays alone (CUDA only)."""
     cli = load(config, data_dir, *overrides)
     timer = ReplayTimer(steps, warmup)
-    trainer = bench_trainer(device, [timer, *([MatmulPrecision("high")] if tf32 else [])], max_steps=warmup)
+    trainer = bench_trainer(device, [timer], "high" if tf32 else None, max_steps=warmup)
     trainer.fit(cli.model, datamodule=cli.datamodule)
     assert timer.steps_per_s is not None
     return timer.steps_per_s

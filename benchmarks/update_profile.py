@@ -25,7 +25,7 @@ from lightning.pytorch import Callback
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import bench_trainer, sync  # noqa: E402
 from throughput import FAST_PATH, load, replay_steps_per_s  # noqa: E402

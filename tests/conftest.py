@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lightning.pytorch import Trainer
+import torch
+from lightning.pytorch import Callback, Trainer
 
 from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
@@ -24,6 +25,26 @@ TINY_NETS = [
     "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
     "--model.init_args.discriminator.init_args.units=[8,8]",
 ]
+
+
+class OutputBiasAtStart(Callback):
+    """Keeps a copy of the generator's output bias as training starts (after setup, before the first update)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: GAN) -> None:
+        self.bias = pl_module.generator.output_layer.bias.detach().clone()
+
+
+class PlateauOnValidationLoss:
+    """The README's ``lr_scheduler_step`` override, as a mixin for a ``GAN``: a ``ReduceLROnPlateau`` steps on
+    ``val/d_loss`` (recorded in ``plateau_metrics``), every other scheduler as Lightning steps it."""
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            value = float(self.trainer.callback_metrics["val/d_loss"])
+            self.__dict__.setdefault("plateau_metrics", []).append(value)
+            scheduler.step(value)
+        else:
+            super().lr_scheduler_step(scheduler, metric)  # type: ignore[misc]
 
 
 def tiny_nets(keep_prob: float | None = None) -> tuple[MLPGenerator, MaxoutDiscriminator]:

@@ -28,13 +28,21 @@ def load_script(name: str):
     return module
 
 
+def tiny_config(folder: Path) -> Path:
+    """``configs/mnist.yaml`` with toy networks, written into ``folder``."""
+    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())
+    config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] = [16, 16]
+    config["model"]["init_args"]["discriminator"]["init_args"]["units"] = [8, 8]
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return folder / "tiny.yaml"
+
+
 def test_reproduce_mnist_writes_its_tables(mnist_root: Path, tmp_path: Path) -> None:
     rows = load_script("reproduce_mnist").main(
         [
             f"--data-dir={mnist_root}", f"--out={tmp_path}", "--max-epochs=2", "--eval-every=1",
             "--limit-train-batches=3", "--num-samples=300", "--val-size=50", "--test-size=80", "--accelerator=cpu",
-            "--matmul-precision=medium", "--", "--model.init_args.generator.init_args.hidden_sizes=[16,16]",
-            "--model.init_args.discriminator.init_args.units=[8,8]",
+            "--matmul-precision=medium", "--", *TINY_NETS,
         ]
     )  # fmt: skip
     assert [row["epoch"] for row in rows] == [1, 2]
@@ -98,12 +106,8 @@ def table_rows(printed: str) -> dict[str, list[str]]:
 def test_throughput_times_every_variant(
     mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())  # the paper's config with toy networks
-    config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] = [16, 16]
-    config["model"]["init_args"]["discriminator"]["init_args"]["units"] = [8, 8]
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     flags = ["--device=cpu", "--steps=10", "--warmup=10", "--repeats=1", "--stack=10"]
-    argv = ["throughput.py", f"--config={tmp_path / 'tiny.yaml'}", f"--data-dir={mnist_root}", *flags]
+    argv = ["throughput.py", f"--config={tiny_config(tmp_path)}", f"--data-dir={mnist_root}", *flags]
     monkeypatch.setattr(sys, "argv", argv)
     load_script("throughput").main()
     printed = capsys.readouterr().out
@@ -134,11 +138,7 @@ def test_throughput_times_every_variant(
 def test_update_profile_profiles_and_times_the_update(
     mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())
-    config["model"]["init_args"]["generator"]["init_args"]["hidden_sizes"] = [16, 16]
-    config["model"]["init_args"]["discriminator"]["init_args"]["units"] = [8, 8]
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    argv = ["update_profile.py", f"--configs={tmp_path / 'tiny.yaml'}", f"--data-dir={mnist_root}", "--fit-steps=4"]
+    argv = ["update_profile.py", f"--configs={tiny_config(tmp_path)}", f"--data-dir={mnist_root}", "--fit-steps=4"]
     monkeypatch.setattr(sys, "argv", [*argv, "--device=cpu"])
     load_script("update_profile").main()
     printed = capsys.readouterr().out

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_NETS
-from lightning.pytorch import Callback
+from conftest import TINY_NETS, OutputBiasAtStart
 
 from lightning_gan import GAN, MatmulPrecision
 from lightning_gan.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class OutputBiasAtTrainStart(Callback):
-    """Keeps a copy of the generator's output bias as training starts (after setup, before the first update)."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.bias = pl_module.generator.output_layer.bias.detach().clone()
 
 
 def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
@@ -36,7 +28,7 @@ def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
-    cli = build_cli(fit_args(mnist_root, tmp_path, "--trainer.callbacks+=test_cli.OutputBiasAtTrainStart"))
+    cli = build_cli(fit_args(mnist_root, tmp_path, "--trainer.callbacks+=conftest.OutputBiasAtStart"))
     assert cli.trainer.global_step == 4
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1
@@ -47,7 +39,7 @@ def test_fit_from_the_mnist_config_trains_and_writes_a_checkpoint(mnist_root: Pa
     assert gan.schedule == "simultaneous" and gan.k == 1 and gan.lr_decay == 1.000004
     assert gan.generator.noise == "uniform" and gan.generator.net[0].out_features == 16
     # the output bias came from the training marginals: the clipped logit of the training images' per-pixel mean
-    (recorded,) = [c for c in cli.trainer.callbacks if isinstance(c, OutputBiasAtTrainStart)]
+    (recorded,) = [c for c in cli.trainer.callbacks if isinstance(c, OutputBiasAtStart)]
     marginals = cli.datamodule.splits.train.images.double().mean(dim=0).flatten()
     expected = torch.logit(marginals.clamp(1e-7, 1 - 1e-7)).float()
     assert expected.min() < -16 < -1 < expected.max()  # blank corners (clipped), brighter centres

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_nets
+from conftest import OutputBiasAtStart, PlateauOnValidationLoss, quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
@@ -194,15 +194,8 @@ def test_own_schedulers_step_per_update_and_per_epoch() -> None:
     assert g_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
-class PlateauGAN(OwnSchedulersGAN):
+class PlateauGAN(PlateauOnValidationLoss, OwnSchedulersGAN):
     """The documented override: the plateau scheduler gets its metric, the others Lightning's default step."""
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.plateau_metrics.append(float(self.trainer.callback_metrics["val/d_loss"]))
-            scheduler.step(self.plateau_metrics[-1])
-        else:
-            super().lr_scheduler_step(scheduler, metric)
 
 
 def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> None:
@@ -481,25 +474,20 @@ class Marginals(LightningDataModule):
         return DataLoader(TensorDataset(self.images), batch_size=5)
 
 
-class BiasAtStart(Callback):
-    def on_train_start(self, trainer: Trainer, pl_module: GAN) -> None:
-        self.bias = pl_module.generator.output_layer.bias.detach().clone()
-
-
 def marginal_gan() -> GAN:
     generator = MLPGenerator(noise_dim=4, hidden_sizes=(8,), hidden_activations=("relu",), out_shape=(1, 2, 2))
     return GAN(generator, tiny_nets()[1])
 
 
 def test_the_output_bias_starts_at_the_training_marginals_and_is_kept_on_resume(tmp_path: Path) -> None:
-    start = BiasAtStart()
+    start = OutputBiasAtStart()
     gan = marginal_gan()
     quiet_trainer(max_steps=2, callbacks=[start], default_root_dir=tmp_path).fit(gan, datamodule=Marginals())
     expected = torch.logit(torch.tensor([0.2, 0.5, 0.9, 0.0], dtype=torch.float64).clamp(1e-7, 1 - 1e-7))
     torch.testing.assert_close(start.bias, expected.float())
 
     (checkpoint,) = tmp_path.rglob("*.ckpt")
-    resumed = BiasAtStart()
+    resumed = OutputBiasAtStart()
     trainer = quiet_trainer(max_steps=3, callbacks=[resumed], default_root_dir=tmp_path / "resumed")
     trainer.fit(marginal_gan(), datamodule=Marginals(), ckpt_path=checkpoint)
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]["generator.net.2.bias"]  # output_layer
@@ -514,11 +502,11 @@ def test_a_later_fit_keeps_trained_or_loaded_output_biases(tmp_path: Path) -> No
     expected = torch.logit(torch.tensor([0.2, 0.5, 0.9, 0.0]).clamp(1e-7, 1 - 1e-7))
     assert not torch.allclose(trained, expected)
 
-    again = BiasAtStart()  # fine-tuning the same module: no `ckpt_path`, but trained weights
+    again = OutputBiasAtStart()  # fine-tuning the same module: no `ckpt_path`, but trained weights
     quiet_trainer(max_steps=1, callbacks=[again], default_root_dir=tmp_path).fit(gan, datamodule=Marginals())
     torch.testing.assert_close(again.bias, trained, rtol=0, atol=0)
 
-    loaded, start = marginal_gan(), BiasAtStart()
+    loaded, start = marginal_gan(), OutputBiasAtStart()
     loaded.load_state_dict(gan.state_dict())
     quiet_trainer(max_steps=1, callbacks=[start], default_root_dir=tmp_path).fit(loaded, datamodule=Marginals())
     torch.testing.assert_close(start.bias, gan.generator.output_layer.bias.detach(), rtol=0, atol=0)
@@ -527,7 +515,7 @@ def test_a_later_fit_keeps_trained_or_loaded_output_biases(tmp_path: Path) -> No
 def test_the_output_bias_without_a_pixel_mean_warns_and_stays() -> None:
     gan = marginal_gan()
     initial = gan.generator.output_layer.bias.detach().clone()
-    start = BiasAtStart()
+    start = OutputBiasAtStart()
     with pytest.warns(UserWarning, match="has no `pixel_mean"):
         trainer(max_steps=1, callbacks=[start]).fit(gan, loader())
     torch.testing.assert_close(start.bias, initial, rtol=0, atol=0)

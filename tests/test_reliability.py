@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import TINY_NETS, quiet_trainer, tiny_nets
+from conftest import TINY_NETS, PlateauOnValidationLoss, quiet_trainer, tiny_nets
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -176,18 +176,12 @@ class HalvingGeneratorLR(GAN):
         return optimizers, [*schedulers, torch.optim.lr_scheduler.StepLR(optimizers[1], step_size=1, gamma=0.5)]
 
 
-class PlateauLR(GAN):
+class PlateauLR(PlateauOnValidationLoss, GAN):
     """The discriminator's learning rate on a plateau of the validation loss, given it as the README says."""
 
     def configure_optimizers(self):
         optimizers, schedulers = super().configure_optimizers()
         return optimizers, [*schedulers, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizers[0], patience=0)]
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(self.trainer.callback_metrics["val/d_loss"])
-        else:
-            super().lr_scheduler_step(scheduler, metric)
 
 
 def test_a_resume_at_validation_end_does_not_step_a_plateau_scheduler_without_its_metric(tmp_path: Path) -> None:
@@ -242,11 +236,6 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> N
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-class SignalWhileValidating(Callback):
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        trainer._signal_connector.received_sigterm = True
-
-
 def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives() -> None:
     killed: list[int] = []
     connector = SimpleNamespace(received_sigterm=False, _original_handlers={})
@@ -275,7 +264,9 @@ def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives()
 def test_a_signal_stops_validate_without_writing_a_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     trainer = quiet_trainer(
-        default_root_dir=tmp_path, limit_val_batches=2, callbacks=[SignalWhileValidating(), InterruptCheckpoint(folder)]
+        default_root_dir=tmp_path,
+        limit_val_batches=2,
+        callbacks=[SignalOnRankZeroWhileValidating("batch"), InterruptCheckpoint(folder)],
     )
     with pytest.raises(SIGTERMException):
         trainer.validate(tiny_gan(), datamodule=TinyData())
