@@ -1,0 +1,74 @@
+"""Every use of Lightning internals that has no public equivalent, in one place.
+
+Written against Lightning 2.6. Each function names what it reads or writes; ``tests/test_lightning_internals.py``
+checks that each still exists and fails naming the function to update when a Lightning release changes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+
+def instantiated_by_cli() -> bool:
+    """Whether the module being built is instantiated by LightningCLI, which then hands it the parsed config as its
+    hyperparameters (Lightning 2.6: ``hparams_mixin._given_hyperparameters``, set by the CLI's instantiator)."""
+    return _given_hyperparameters.get() is not None
+
+
+def attached_trainer(module: LightningModule) -> Trainer | None:
+    """The module's trainer, or ``None`` when it has none (the public ``module.trainer`` raises then)."""
+    return module._trainer
+
+
+def count_optimizer_step(trainer: Trainer) -> None:
+    """Advance ``trainer.global_step`` by one under manual optimization without stepping an optimizer, as a
+    ``LightningOptimizer.step()`` does (Lightning 2.6: the manual loop's ``optim_step_progress``, which
+    ``global_step`` reads)."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def should_update_logs(trainer: Trainer) -> bool:
+    """Whether this training step's logged values reach the loggers (Lightning 2.6:
+    ``trainer._logger_connector.should_update_logs``)."""
+    return trainer._logger_connector.should_update_logs
+
+
+def logged_steps(trainer: Trainer) -> int:
+    """Lightning's count of batches that stepped: the loggers' x-axis and what ``log_every_n_steps`` counts
+    (Lightning 2.6: ``fit_loop.epoch_loop._batches_that_stepped``)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def set_logged_steps(trainer: Trainer, count: int) -> None:
+    """Set the count of :func:`logged_steps` (restored by Lightning from a checkpoint only when fitting)."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = count
+
+
+def checkpoint_cadence(callback: ModelCheckpoint) -> tuple[int, int, Any]:
+    """A ``ModelCheckpoint``'s ``(every_n_train_steps, every_n_epochs, train_time_interval)`` as it resolved them
+    (Lightning 2.6: its ``_every_n_train_steps``, ``_every_n_epochs``, ``_train_time_interval``)."""
+    return callback._every_n_train_steps, callback._every_n_epochs, callback._train_time_interval
+
+
+def sigterm_flag(trainer: Trainer) -> bool:
+    """Lightning's SIGTERM flag, which stops the fit loop after the current batch with a ``SIGTERMException``."""
+    return trainer.received_sigterm
+
+
+def set_sigterm_flag(trainer: Trainer, value: bool) -> None:
+    """Set the flag of :func:`sigterm_flag` (Lightning 2.6: ``trainer._signal_connector.received_sigterm``)."""
+    trainer._signal_connector.received_sigterm = value
+
+
+def sigterm_handler_before_lightning(trainer: Trainer) -> Callable[..., Any] | None:
+    """The SIGTERM handler installed before Lightning's own, if it is callable (Lightning 2.6:
+    ``trainer._signal_connector._original_handlers``)."""
+    handler = trainer._signal_connector._original_handlers.get(__import__("signal").SIGTERM)
+    return handler if callable(handler) else None
