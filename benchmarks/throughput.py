@@ -54,7 +54,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_common import bench_trainer, load_cli, sync  # noqa: E402
 
 from lightning_gan import GAN  # noqa: E402
-from lightning_gan.graphed import GraphedUpdates, graph_constants  # noqa: E402
+from lightning_gan.graphed import CudaGraphRunner, GraphedUpdates, graph_constants  # noqa: E402
 
 
 class StepTimer(Callback):
@@ -85,9 +85,12 @@ def update_left_out(gan: GAN) -> Iterator[None]:
             stats[real.device] = torch.zeros(4, device=real.device)
         return stats[real.device]
 
-    gan._graphs_need_cuda = False
-    gan._graph_update = no_update
-    with mock.patch.object(GraphedUpdates, "capturable", staticmethod(lambda real: False)), warnings.catch_warnings():
+    gan._graphed_update = no_update
+    with (
+        mock.patch.object(GraphedUpdates, "capturable", staticmethod(lambda real: False)),
+        mock.patch.object(CudaGraphRunner, "requires_cuda", False),
+        warnings.catch_warnings(),
+    ):
         # the decays step while no optimizer does, which torch warns about
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
         yield
@@ -131,18 +134,18 @@ class ReplayTimer(Callback):
         self.steps_per_s: float | None = None
 
     def on_train_end(self, trainer, gan) -> None:
-        if gan._graphs is None or gan._graphs.captures == 0:
+        if gan.graph_runner is None or gan.graph_runner.graphs.captures == 0:
             raise RuntimeError(f"the fast path captured no graph in {self.warmup} warm-up steps")
         dm = trainer.datamodule
         real = dm.splits.train.images[: dm.batch_size].to(gan.device)
         # read now: the momentum ramp may have moved at the epoch's end (then the first calls recapture)
-        constants = graph_constants([gan._optimizer(0), gan._optimizer(1)])
+        constants = graph_constants([gan.trainer.optimizers[0], gan.trainer.optimizers[1]])
         for _ in range(self.warmup):
-            gan._graphs(real, True, constants)
+            gan.graph_runner(real, True, constants)
         sync(gan.device)
         start = time.perf_counter()
         for _ in range(self.steps):
-            gan._graphs(real, True, constants)
+            gan.graph_runner(real, True, constants)
         sync(gan.device)
         self.steps_per_s = self.steps / (time.perf_counter() - start)
 

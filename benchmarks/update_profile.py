@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from lightning.pytorch import Callback
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import bench_trainer, sync  # noqa: E402
 from throughput import FAST_PATH, load, replay_steps_per_s  # noqa: E402
 
+from lightning_gan.graphed import CudaGraphRunner  # noqa: E402
+
 PROFILED = 20
 
 
@@ -40,11 +43,11 @@ class KernelProfile(Callback):
         cuda = gan.device.type == "cuda"
         real = trainer.datamodule.splits.train.images[: trainer.datamodule.batch_size].to(gan.device)
         for _ in range(5):
-            gan._graph_update(real, True)
+            gan._graphed_update(real, True)
         sync(gan.device)
         with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
             for _ in range(PROFILED):
-                gan._graph_update(real, True)
+                gan._graphed_update(real, True)
             sync(gan.device)
         # the GPU's user annotations (``Optimizer.step#SGD.step``) are device events too, but no kernels
         kernels = [
@@ -55,7 +58,7 @@ class KernelProfile(Callback):
         print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25))
         start = time.perf_counter()
         for _ in range(200):
-            gan._graph_update(real, True)
+            gan._graphed_update(real, True)
         sync(gan.device)
         print(f"  eager update alone {200 / (time.perf_counter() - start):.1f} steps/s", flush=True)
 
@@ -73,11 +76,11 @@ def main() -> None:
     for config in args.configs:
         print(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config, flush=True)
         cli = load(config, args.data_dir, *FAST_PATH)
-        if args.device != "cuda":
-            cli.model._graphs_need_cuda = False  # the same update, run eagerly
-        bench_trainer(args.device, [KernelProfile()], max_steps=args.fit_steps).fit(
-            cli.model, datamodule=cli.datamodule
-        )
+        # off CUDA, the same update run eagerly
+        with mock.patch.object(CudaGraphRunner, "requires_cuda", args.device == "cuda"):
+            bench_trainer(args.device, [KernelProfile()], max_steps=args.fit_steps).fit(
+                cli.model, datamodule=cli.datamodule
+            )
         if args.device != "cuda":
             continue
         measure = (config, args.data_dir, args.replays, 100, args.device, *FAST_PATH)

@@ -1,7 +1,7 @@
-"""Every use of Lightning internals that has no public equivalent, in one place.
+"""Every use of Lightning (and torch) internals that has no public equivalent, in one place.
 
-Written against Lightning 2.6. Each function names what it reads or writes; ``tests/test_lightning_internals.py``
-checks that each still exists and fails naming the function to update when a Lightning release changes it.
+Written against Lightning 2.6 and torch 2.14. Each function names what it reads or writes; a test checks that each
+still works, and fails naming the function to update when a release changes it.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor
 
 
 def instantiated_by_cli() -> bool:
@@ -72,3 +74,14 @@ def sigterm_handler_before_lightning(trainer: Trainer) -> Callable[..., Any] | N
     ``trainer._signal_connector._original_handlers``)."""
     handler = trainer._signal_connector._original_handlers.get(__import__("signal").SIGTERM)
     return handler if callable(handler) else None
+
+
+# ---------------------------------------------------------------------------------------------- torch internals
+def foreach_move_towards(tensors: list[Tensor], targets: list[Tensor], weight: Tensor) -> None:
+    """``tensor += weight * (target - tensor)`` for each pair, in three multi-tensor kernels (one per element-wise
+    operation, so each rounds as the per-tensor operations do); ``weight``: a 0-d tensor on their device. torch has
+    no public multi-tensor API; written against torch 2.14's ``torch._foreach_sub``, ``_foreach_mul_`` and
+    ``_foreach_add_``."""
+    difference = torch._foreach_sub(targets, tensors)
+    torch._foreach_mul_(difference, weight)
+    torch._foreach_add_(tensors, difference)

@@ -8,19 +8,22 @@ left out by ``nonfinite="skip"`` counts too) it moves towards the generator by `
 So it weights the iterates so far by ``decay ** age``, normalised, and the random initial weights have no part in it
 (the first step replaces them): early on it is nearly the plain mean of the iterates so far, later the usual
 exponential average over about ``1 / (1 - decay)`` generator updates.
+
+Not ``torch.optim.swa_utils.AveragedModel``: its ``update_parameters`` reads its update count back to the host
+(``if self.n_averaged == 0``), which a CUDA graph cannot capture, and it has no bias correction. Here the step size is
+a 0-d device tensor that the host fills before each update, so the update is device work only.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_gan.module import GAN
+from lightning_gan._lightning import foreach_move_towards
 
 PREFIX = "generator_ema."
 
@@ -58,18 +61,6 @@ def average_weight(decay: float, update: int) -> float:
     return (1.0 - decay) / (1.0 - decay**update)
 
 
-@torch.no_grad()
-def update_average(average: nn.Module, current: nn.Module, weight: Tensor) -> None:
-    """``average += weight * (current - average)`` for every parameter, with ``weight`` a 0-d tensor on their device
-    (read at run time, so that a CUDA graph can replay it); buffers are copied. Only device work: no host sync."""
-    averaged = list(average.parameters())
-    difference = torch._foreach_sub(list(current.parameters()), averaged)
-    torch._foreach_mul_(difference, weight)
-    torch._foreach_add_(averaged, difference)
-    for averaged_buffer, buffer in zip(average.buffers(), current.buffers(), strict=True):
-        averaged_buffer.copy_(buffer)
-
-
 def reconcile_checkpoint(state_dict: dict[str, Any], averaging: bool) -> str | None:
     """Make a checkpoint's ``state_dict`` fit a model with (``averaging``) or without a generator average, in place:
     an average missing from the checkpoint starts from its generator, one the model does not keep is dropped.
@@ -89,60 +80,54 @@ def reconcile_checkpoint(state_dict: dict[str, Any], averaging: bool) -> str | N
     return None
 
 
-class GeneratorAveraging:
-    """The weight average of :class:`~lightning_gan.GAN` (``ema_decay``), as a mixin: the copy, its updates (eagerly
-    or inside the CUDA graph), the generator that samples are drawn from, and checkpoints with or without it."""
+class GeneratorAverage:
+    """The bias-corrected moving average :attr:`module` of a generator's weights, with decay ``decay``.
 
-    generator: nn.Module
-    generator_ema: nn.Module | None
-    ema_decay: float | None
-    _ema_weight: Tensor
-    _ema_updates: int  # the schedule's generator steps the average has followed, over every fit of this module
-    _ema_offset: int  # _ema_updates - generator_updates, fixed when a fit starts
+    :attr:`updates` counts the generator steps it has followed, over every fit (checkpointed by the GAN).
+    """
 
-    def _init_average(self: GAN, ema_decay: float | None) -> None:
-        check_decay(ema_decay)
-        self.ema_decay = ema_decay
-        self.generator_ema = frozen_copy(self.generator) if ema_decay is not None else None
-        self._ema_updates = self._ema_offset = 0
-        if ema_decay is not None:
-            # The average's step, on the module's device: the CUDA graph reads it at each replay. Every rank fills it
-            # alike, so DDP need not broadcast it before each forward pass, as it does module buffers.
-            self.register_buffer("_ema_weight", torch.zeros(()), persistent=False)
-            self._ddp_params_and_buffers_to_ignore = ["_ema_weight"]
+    def __init__(self, generator: nn.Module, decay: float) -> None:
+        check_decay(decay)
+        self.decay = decay
+        self.module = frozen_copy(generator)
+        self.updates = 0
+        self._offset = 0  # updates - the fit's generator updates, fixed when a fit starts
+        self._weight: Tensor | None = None  # the step size, a 0-d tensor on the weights' device
 
-    @property
-    def sampling_generator(self) -> nn.Module:
-        """The generator that :meth:`~lightning_gan.GAN.sample`, the figure callbacks and the Parzen evaluation draw
-        from: the weight average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
-        return self.generator_ema if self.generator_ema is not None else self.generator
+    def check_precision(self) -> None:
+        """Refuse 16-bit weights, once the precision plugin has converted them (when fitting starts)."""
+        check_precision(self.module, self.decay)
 
-    def _continue_average(self, generator_updates: int) -> None:
-        """When a fit starts, at ``generator_updates`` (restored by a resume, else 0): count on from the updates the
-        average has followed, so that a second fit of a trained module goes on averaging instead of starting over."""
-        self._ema_offset = self._ema_updates - generator_updates
+    def start_fit(self, generator_updates: int) -> None:
+        """When training starts, at ``generator_updates`` (restored by a resume, else 0): count on from the updates
+        followed so far, so that a second fit of a trained module goes on averaging instead of starting over."""
+        self._offset = self.updates - generator_updates
+        self._weight = None
 
-    # The two below are called only when the average is kept (``generator_ema`` is not None), from the training step.
-    def _set_average_weight(self, generator_updates: int) -> None:
-        """Set how far :meth:`_average_generator` moves the average, for this fit's ``generator_updates``-th generator
-        step (updates left out by ``nonfinite="skip"`` included)."""
-        self._ema_updates = self._ema_offset + generator_updates
-        self._ema_weight.fill_(average_weight(self.ema_decay, self._ema_updates))
+    def set_step(self, generator_updates: int) -> None:
+        """Set how far :meth:`update` moves the average, for the fit's ``generator_updates``-th generator step
+        (updates left out by ``nonfinite="skip"`` included). Fills a tensor in place: a CUDA graph reads it."""
+        self.updates = self._offset + generator_updates
+        if self._weight is None:
+            parameter = next(self.module.parameters())
+            self._weight = torch.zeros((), dtype=parameter.dtype, device=parameter.device)
+        self._weight.fill_(average_weight(self.decay, self.updates))
 
-    def _average_generator(self) -> None:
-        """Move the average towards the generator by the weight set last (device work only)."""
-        update_average(self.generator_ema, self.generator, self._ema_weight)
+    @torch.no_grad()
+    def update(self, generator: nn.Module) -> None:
+        """Move the average towards ``generator`` by the step set last, and copy its buffers (device work only)."""
+        foreach_move_towards(list(self.module.parameters()), list(generator.parameters()), self._weight)
+        for averaged_buffer, buffer in zip(self.module.buffers(), generator.buffers(), strict=True):
+            averaged_buffer.copy_(buffer)
 
-    def _check_average_precision(self) -> None:
-        """When fitting starts, after the precision plugin converted the weights."""
-        if self.generator_ema is not None:
-            check_precision(self.generator_ema, self.ema_decay)
 
-    def _fit_average_to(self, checkpoint: dict[str, Any], generator_updates: int) -> None:
-        """Make a checkpoint written with or without an average load into this model, saying what was done, and
-        restore how many updates the average has followed (``generator_updates`` for checkpoints that predate it)."""
-        self._ema_updates = int((checkpoint.get("lightning_gan") or {}).get("ema_updates", generator_updates))
-        if isinstance(checkpoint.get("state_dict"), dict):
-            done = reconcile_checkpoint(checkpoint["state_dict"], averaging=self.generator_ema is not None)
-            if done:
-                rank_zero_info(f"GAN: {done}.")
+def fit_average_to(checkpoint: dict[str, Any], average: GeneratorAverage | None, generator_updates: int) -> None:
+    """Make a checkpoint written with or without an average load into a model with ``average`` (or none), saying
+    what was done, and restore how many updates the average has followed (``generator_updates`` for checkpoints
+    that predate the count)."""
+    if average is not None:
+        average.updates = int((checkpoint.get("lightning_gan") or {}).get("ema_updates", generator_updates))
+    if isinstance(checkpoint.get("state_dict"), dict):
+        done = reconcile_checkpoint(checkpoint["state_dict"], averaging=average is not None)
+        if done:
+            rank_zero_info(f"GAN: {done}.")

@@ -20,19 +20,11 @@ What a graph bakes in, and how it stays right:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
-
-from lightning_gan.schedules import ExponentialDecay
-
-if TYPE_CHECKING:
-    from lightning_gan.module import GAN
 
 GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _FLAGS = ("lr", "fused", "foreach", "capturable")
@@ -172,123 +164,46 @@ class GraphedUpdates:
         return graph, static_real, stats
 
 
-class CudaGraphTraining:
-    """The fast path of :class:`~lightning_gan.GAN` (``cuda_graph=True``), as a mixin: its training step replays the
-    batch's update from a :class:`GraphedUpdates` and keeps the books (steps, decays, non-finite check, logging) on the
-    host, without reading anything back from the device."""
+def check_graph_fits(world_size: int, precision: Any) -> None:
+    """Raise a ``ValueError`` naming the fix for a run the fast path cannot capture: several processes, or mixed
+    precision."""
+    problem = None
+    if world_size > 1:
+        problem = f"runs on one device, but this run has {world_size} processes"
+    elif str(precision).endswith("-mixed"):
+        problem = f"does not support mixed precision (precision={precision!r}); use 32-true or bf16-true"
+    if problem:
+        raise ValueError(f"`cuda_graph=True` {problem}: set `model.init_args.cuda_graph: false`.")
 
-    # Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
-    _graphs_need_cuda = True
-    _graphs: GraphedUpdates | None = None
-    _graph_step: Tensor
-    _user_optimizer_settings: list[list[dict[str, Any]]] | None = None
 
-    def _check_cuda_graph_fits(self: GAN) -> None:
-        trainer = self.trainer
-        problem = None
-        if trainer.world_size > 1:
-            problem = f"runs on one device, but this run has {trainer.world_size} processes"
-        elif str(trainer.precision).endswith("-mixed"):
-            problem = f"does not support mixed precision (precision={trainer.precision!r}); use 32-true or bf16-true"
-        if problem:
-            raise ValueError(f"`cuda_graph=True` {problem}: set `model.init_args.cuda_graph: false`.")
+class CudaGraphRunner:
+    """The fast path's state for one fit: the optimizers switched to their graph-safe settings (the user's kept for
+    checkpoints), the step counted on the device (for the non-finite record), and the graphs of ``update``.
 
-    def _start_cuda_graphs(self: GAN) -> None:
-        """At the start of training, after any checkpoint restore (which replaces the optimizers' state tensors)."""
-        self._graphs = None
-        if not self.cuda_graph:
-            return
-        if self.device.type != "cuda" and self._graphs_need_cuda:
-            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
-            return
-        optimizers = [self._optimizer(0), self._optimizer(1)]
-        self._user_optimizer_settings = [make_graph_safe(opt, self.device) for opt in optimizers]
-        # The step, counted on the device by the update itself (the non-finite check records it without the host),
-        # and the check's record, made before any capture so that the graphs update them in place.
-        self._graph_step = torch.full((), self.global_step, dtype=torch.long, device=self.device)
-        self._guard.first_bad(self.device)
-        self._graphs = GraphedUpdates(self._graph_update)
+    ``update(real, generator_step)`` is the module's update body: it returns the step's statistics tensor.
+    """
 
-    def _graph_update(self: GAN, real: Tensor, generator_step: bool) -> Tensor:
-        """One batch's update as ``training_step`` makes it, with the optimizers stepped directly and nothing read
-        back to the host: the body of the CUDA graph. Returns ``[d_loss, g_loss (NaN if no G step), D(x), D(G(z))]``.
-        """
-        d_opt, g_opt = self.optimizers()
-        # the non-finite check, recorded as training_step records it (one or both networks per update)
-        record = self._guard.record if self._guard.deferred(self) else lambda *args: None
-        if self.schedule == "simultaneous":
-            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
-            d_opt.zero_grad(set_to_none=True)
-            g_opt.zero_grad(set_to_none=True)
-            self._simultaneous_backward(d_loss, g_loss, Tensor.backward)
-            record(self, self._graph_step, d_loss, g_loss)
-            self._raw_step(d_opt, self.discriminator)
-            self._raw_step(g_opt, self.generator)
-        else:
-            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            record(self, self._graph_step, d_loss, None)
-            self._raw_step(d_opt, self.discriminator)
-            g_loss = torch.full_like(d_loss, float("nan"))
-            if generator_step:
-                g_loss = self._generator_objective(g_opt, real.shape[0])
-                g_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                record(self, self._graph_step, None, g_loss)
-                self._raw_step(g_opt, self.generator)
-        self._graph_step.add_(1)
-        d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
-        return torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
+    #: Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
+    requires_cuda: ClassVar[bool] = True
 
-    def _batch_graphed_step(self: GAN) -> Callable[[Tensor, bool], None]:
-        """:meth:`_graphed_training_step` for this batch's steps, with the optimizers' graph constants read once: the
-        authors' schedules change them only between batches (the momentum ramp steps at an epoch's end), but another
-        per-update scheduler may change one at any step (e.g. a cycled momentum), so then they are read every step."""
-        optimizers = [self._optimizer(0), self._optimizer(1)]
-        if any(not isinstance(scheduler, ExponentialDecay) for scheduler, _, _ in self._d_decay + self._g_decay):
-            return lambda real, log: self._graphed_training_step(real, log, graph_constants(optimizers))
-        return partial(self._graphed_training_step, constants=graph_constants(optimizers))
+    def __init__(
+        self, update: Callable[[Tensor, bool], Tensor], optimizers: list[Optimizer], device: torch.device, step: int
+    ) -> None:
+        self.optimizers = optimizers
+        self.user_settings = [make_graph_safe(optimizer, device) for optimizer in optimizers]
+        # made before any capture, so that the graphs update it in place
+        self.step = torch.full((), step, dtype=torch.long, device=device)
+        self.graphs = GraphedUpdates(update)
 
-    def _graphed_training_step(self: GAN, real: Tensor, log: bool, constants: tuple[Any, ...]) -> None:
-        """One step's update replayed; ``constants``: :func:`graph_constants` of the optimizers."""
-        assert self._graphs is not None
-        d_opt, _ = self.optimizers()
-        step = self.global_step
-        generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
-        if generator_step and self.generator_ema is not None:
-            self._set_average_weight((step + 1) // self.k)
-        stats = self._graphs(real, generator_step, constants)
-        if generator_step:
-            self._last_g_loss = stats[1]
-        if not self._guard.deferred(self):  # on a GPU the update itself recorded it
-            self._guard.allows(self, step, stats[0], stats[1] if generator_step else None)
-        self._count_step(d_opt)
-        # The decays (and other per-update schedulers) write the next learning rates into the device tensors that
-        # the graph reads.
-        self._step_per_update(self._d_decay, step + 1)
-        if generator_step:
-            self._step_per_update(self._g_decay, (step + 1) // self.k)
-        if log:
-            # copies: the next replay overwrites the graph's outputs
-            g_loss = None if self._last_g_loss is None else self._last_g_loss.clone()
-            stats = stats.clone()
-            self._log_step("train", stats[0], g_loss, stats[2], stats[3])
+    def __call__(self, real: Tensor, generator_step: bool, constants: tuple[Any, ...] | None = None) -> Tensor:
+        """Replay (or capture) the update of ``real``; ``constants``: :func:`graph_constants` of the optimizers, read
+        now if not given."""
+        return self.graphs(real, generator_step, graph_constants(self.optimizers) if constants is None else constants)
 
-    def _checkpoint_as_eager(self, checkpoint: dict[str, Any]) -> None:
-        """Write the checkpoint as an eager run writes it: the user's optimizer settings, float learning rates."""
-        if self._graphs is None or self._user_optimizer_settings is None:
-            return
-        states = checkpoint.get("optimizer_states", [])
-        for state, saved in zip(states, self._user_optimizer_settings, strict=False):
+    def checkpoint_as_eager(self, checkpoint: dict[str, Any]) -> None:
+        """Write ``checkpoint`` as an eager run writes it: the user's optimizer settings, float learning rates."""
+        for state, saved in zip(checkpoint.get("optimizer_states", []), self.user_settings, strict=False):
             restore_settings(state, saved)
         for scheduler in checkpoint.get("lr_schedulers", []):
             if "_last_lr" in scheduler:
                 scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
-
-    def _raw_step(self: GAN, optimizer: LightningOptimizer, network: nn.Module) -> None:
-        """The optimizer's own step (not Lightning's, whose hooks count steps on the host), then the constraints."""
-        optimizer.optimizer.step()
-        self._constrain(network)
-        if network is self.generator and self.generator_ema is not None:
-            self._average_generator()  # by the weight set before the replay

@@ -15,13 +15,12 @@ before a checkpoint is written and when a loss is non-finite: a non-finite weigh
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_gan.module import GAN
+from lightning_gan.distributed import all_reduce
 
 NonFinite = Literal["stop", "skip"]
 _NETWORKS = ("discriminator", "generator", "discriminator and generator")
@@ -32,12 +31,12 @@ class NonFiniteError(FloatingPointError):
     """A loss or parameter became NaN or infinite; raised before a bad update is applied or a checkpoint written."""
 
 
-def nonfinite_networks(gan: GAN) -> list[str]:
-    """The networks of ``gan`` with a NaN or infinite parameter."""
+def nonfinite_networks(networks: Mapping[str, nn.Module]) -> list[str]:
+    """The names of the ``networks`` with a NaN or infinite parameter."""
     return [
         name
-        for name in ("discriminator", "generator")
-        if not torch.stack([torch.isfinite(p).all() for p in getattr(gan, name).parameters()]).all().item()
+        for name, network in networks.items()
+        if not torch.stack([torch.isfinite(p).all() for p in network.parameters()]).all().item()
     ]
 
 
@@ -56,64 +55,61 @@ def _advice(network: str) -> str:
     )
 
 
-def _across_ranks(tensor: Tensor, op: torch.distributed.ReduceOp) -> Tensor:
-    """All-reduce in place when distributed (one collective: Lightning's ``strategy.reduce`` adds a barrier)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=op)
-    return tensor
-
-
 class NonFiniteGuard:
     """The ``nonfinite`` policy of :class:`~lightning_gan.GAN`: ``"stop"`` or ``"skip"`` (see the module docstring
-    for what it costs). :attr:`skipped` counts the updates left out; it is checkpointed with the GAN."""
+    for what it costs) over the ``discriminator`` and ``generator``. :attr:`skipped` counts the updates left out; it
+    is checkpointed with the GAN."""
 
-    def __init__(self, mode: NonFinite = "stop") -> None:
+    def __init__(self, mode: NonFinite, discriminator: nn.Module, generator: nn.Module) -> None:
         if mode not in ("stop", "skip"):
             raise ValueError(f"Expected `nonfinite` to be 'stop' or 'skip', but got {mode!r}.")
         self.mode = mode
+        self.networks = {"discriminator": discriminator, "generator": generator}
         self.skipped = 0
         self._first: Tensor | None = None  # deferred "stop": min over updates of step * 4 + network index
 
-    def deferred(self, gan: GAN) -> bool:
-        return self.mode == "stop" and gan.device.type != "cpu"
+    def deferred(self, device: torch.device) -> bool:
+        """Whether losses on ``device`` are checked later, from a record kept on the device."""
+        return self.mode == "stop" and device.type != "cpu"
 
-    def allows(self, gan: GAN, step: int, d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
+    def allows(self, step: int, epoch: int, d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
         """Whether the update(s) from these losses, made at global step ``step``, may be applied: ``"stop"`` raises
         :class:`NonFiniteError` on a non-finite loss, ``"skip"`` counts it and returns False.
 
         Raises:
             NonFiniteError: see above; also under ``"skip"`` when the network's parameters are non-finite already.
         """
-        if self.deferred(gan):
-            self.record(gan, step, d_loss, g_loss)
+        loss = d_loss if d_loss is not None else g_loss
+        if self.deferred(loss.device):
+            self.record(step, d_loss, g_loss)
             return True
         losses = [loss.detach() for loss in (d_loss, g_loss) if loss is not None]
         bad = ~torch.isfinite(torch.stack(losses))  # (1,) or (2,)
         fixed = 0 if g_loss is None else 1 if d_loss is None else None
-        flags = _across_ranks(bad.float(), torch.distributed.ReduceOp.MAX).tolist()  # the same on every rank
+        flags = all_reduce(bad.float(), "max").tolist()  # the same on every rank
         if not any(flags):
             return True
         network = _NETWORKS[fixed if fixed is not None else int(flags[0]) + 2 * int(flags[1]) - 1]
-        broken = nonfinite_networks(gan)
+        broken = nonfinite_networks(self.networks)
         if self.mode == "stop" or broken:
             values = ", ".join(f"{loss.item():g}" for loss in losses)
             why = "before applying the update"
             if broken:
                 why = f"as the {' and '.join(broken)} parameters are non-finite already, so skipping cannot help"
             raise NonFiniteError(
-                f"Non-finite {_loss(network)} ({values}) at global step {step} (epoch {gan.current_epoch}): training "
+                f"Non-finite {_loss(network)} ({values}) at global step {step} (epoch {epoch}): training "
                 f"stopped {why}. {_advice(network)}"
             )
         self.skipped += len(losses)
         return False
 
-    def record(self, gan: GAN, step: int | Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> None:
+    def record(self, step: int | Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> None:
         """Deferred ``"stop"``: keep the first non-finite (step, network) on the device, updated in place, with no
         host sync (so it also runs inside a CUDA graph, with ``step`` a device tensor)."""
         bad = ~torch.isfinite(torch.stack([loss.detach() for loss in (d_loss, g_loss) if loss is not None]))
         index = 0 if g_loss is None else 1 if d_loss is None else bad[0].long() + 2 * bad[1].long() - 1
         found = torch.where(bad.any(), step * 4 + index, _NONE_YET)
-        torch.minimum(self.first_bad(gan.device), found, out=self._first)
+        torch.minimum(self.first_bad(bad.device), found, out=self._first)
 
     def first_bad(self, device: torch.device) -> Tensor:
         """The deferred record (``step * 4 + network index``, or a sentinel), created on first use."""
@@ -121,36 +117,36 @@ class NonFiniteGuard:
             self._first = torch.full((), _NONE_YET, dtype=torch.long, device=device)
         return self._first
 
-    def check_deferred(self, gan: GAN) -> None:
-        """Raise :class:`NonFiniteError` if the deferred check saw a non-finite loss (one host sync)."""
-        if self._first is None or gan._trainer is None:
+    def check_deferred(self, step: int, epoch: int) -> None:
+        """Raise :class:`NonFiniteError` if the deferred check saw a non-finite loss (one host sync); ``step`` and
+        ``epoch``: where training is now."""
+        if self._first is None:
             return
-        first = int(_across_ranks(self._first.clone(), torch.distributed.ReduceOp.MIN).item())
+        first = int(all_reduce(self._first.clone(), "min").item())
         if first >= _NONE_YET:
             return
-        step, index = divmod(first, 4)
+        bad_step, index = divmod(first, 4)
         raise NonFiniteError(
-            f"Non-finite {_loss(_NETWORKS[index])} at global step {step} (epoch {gan.current_epoch}): training stopped "
-            f"at step {gan.global_step} (on an accelerator the check runs every `log_every_n_steps` steps and before "
+            f"Non-finite {_loss(_NETWORKS[index])} at global step {bad_step} (epoch {epoch}): training stopped "
+            f"at step {step} (on an accelerator the check runs every `log_every_n_steps` steps and before "
             f"every checkpoint, to spare a host sync per step); no checkpoint was written since. "
             f"{_advice(_NETWORKS[index])}"
         )
 
-    def check_before_saving(self, gan: GAN) -> None:
+    def check_before_saving(self, step: int, epoch: int) -> None:
         """Raise :class:`NonFiniteError` rather than let a checkpoint of non-finite weights be written."""
-        self.check_deferred(gan)
-        broken = nonfinite_networks(gan)
+        self.check_deferred(step, epoch)
+        broken = nonfinite_networks(self.networks)
         if broken:
             raise NonFiniteError(
-                f"Not writing a checkpoint at global step {gan.global_step}: the {' and '.join(broken)} parameters are "
+                f"Not writing a checkpoint at global step {step}: the {' and '.join(broken)} parameters are "
                 f"non-finite (NaN or infinite). {_advice(' and '.join(broken))}"
             )
 
 
-def check_architecture(gan: GAN, saved: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the mismatched weights and the fix when the state dict ``saved`` was written by
-    other networks."""
-    own = gan.state_dict()
+def check_architecture(own: Mapping[str, Any], saved: Mapping[str, Any], source: str | None = None) -> None:
+    """Raise a ``ValueError`` naming the mismatched weights and the fix when the state dict ``saved`` (read from the
+    file ``source``) was written by other networks than the state dict ``own``."""
     problems = [f"{key} is missing from the checkpoint" for key in own if key not in saved]
     problems += [f"{key} is in the checkpoint but not in this model" for key in saved if key not in own]
     problems += [
@@ -160,7 +156,6 @@ def check_architecture(gan: GAN, saved: Mapping[str, Any]) -> None:
     ]
     if not problems:
         return
-    source = gan._trainer.ckpt_path if gan._trainer is not None else None
     more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
     raise ValueError(
         f"The checkpoint{f' {source}' if source else ''} was written by networks of another architecture: "

@@ -8,6 +8,10 @@ Generator updates so far: :attr:`GAN.generator_updates`. A training batch is one
 batch hooks, an integer ``val_check_interval``, ``limit_train_batches``, the progress bar) it does per stack, and
 step counts checked after a batch (``max_steps``, ``log_every_n_steps``, checkpointing every n steps) must be
 multiples of S.
+
+The parts ``GAN`` holds live in modules of their own: the weight average (:mod:`lightning_gan.averaging`), the CUDA
+graphs (:mod:`lightning_gan.graphed`), the non-finite guard (:mod:`lightning_gan.guards`), the schedulers
+(:mod:`lightning_gan.stepping`) and stacked steps (:mod:`lightning_gan.stacking`).
 """
 
 from __future__ import annotations
@@ -19,53 +23,42 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.core.optimizer import LightningOptimizer, LRSchedulerConfig
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_gan.averaging import GeneratorAveraging
-from lightning_gan.graphed import CudaGraphTraining, check_graph_safe
+from lightning_gan._lightning import (
+    attached_trainer,
+    count_optimizer_step,
+    instantiated_by_cli,
+    logged_steps,
+    set_logged_steps,
+    should_update_logs,
+)
+from lightning_gan.averaging import GeneratorAverage, check_decay, fit_average_to
+from lightning_gan.distributed import all_gather_object
+from lightning_gan.graphed import CudaGraphRunner, check_graph_fits, check_graph_safe, graph_constants
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.nets import eval_forward
-from lightning_gan.resume import rng_state, set_rng_state
+from lightning_gan.resume import restore_rng_states, rng_state
+from lightning_gan.sampling import seeded_noise
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
+from lightning_gan.stacking import StackedSteps, stack_size
+from lightning_gan.stepping import SchedulerStepper
 
 Schedule = Literal["alternating", "simultaneous"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
+Backward = Callable[..., None]
 
 
-def _paper_sgd(params: Any) -> Optimizer:
-    # torch's SGD keeps buf = m * buf + g and steps lr * buf; the authors' pylearn2 rule inc = m * inc - lr * g is the
-    # same update while lr is constant, and within 4e-6 (relative) under their 1.000004 per-step decay.
-    return torch.optim.SGD(params, lr=0.1, momentum=0.5)
-
-
-def _do_nothing() -> None:
-    return None
-
-
-def _mark_weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
-    module._fresh_weights = False
-
-
-class _StackedSteps(Callback):
-    """Counts a batch that holds a stack of training steps (``GANDataModule(steps_per_batch=S)``) as its steps in
-    Lightning's count of batches, before any other callback's ``on_train_batch_start`` (see ``GAN._count_stack``)."""
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if isinstance(pl_module, GAN):  # the trainer may fit another module next
-            pl_module._count_stack(batch)
-
-
-class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
+class GAN(LightningModule):
     """Generative adversarial nets trained by the paper's Algorithm 1, or by the authors' simultaneous update.
 
     Args:
@@ -73,41 +66,27 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             returning images ``(n, C, H, W)`` in data space.
         discriminator: module mapping images ``(n, C, H, W)`` to logits ``(n,)``.
         k: discriminator updates per generator update (``alternating`` only).
-        schedule: ``"alternating"``: every batch makes one discriminator update on fresh real data and fresh noise,
-            and after every ``k``-th one the generator makes one update on fresh noise (Algorithm 1).
-            ``"simultaneous"``: one noise draw and one minibatch update both networks from the same discriminator
-            parameters (the authors' MNIST code; ``k`` must be 1).
+        schedule: ``"alternating"``: each step updates the discriminator on fresh data and noise, and after every
+            ``k``-th the generator on fresh noise (Algorithm 1). ``"simultaneous"``: one noise draw and minibatch
+            update both networks from the same discriminator (the authors' MNIST code; ``k`` must be 1).
         generator_loss: ``"non_saturating"`` descends ``-log D(G(z))``; ``"minimax"`` descends ``log(1 - D(G(z)))``.
         generator_optimizer: optimizer factory for the generator; ``None`` is the paper's SGD (lr .1, momentum .5).
         discriminator_optimizer: optimizer factory for the discriminator; ``None`` as above.
         lr_decay: divide each learning rate by this after every update of its network (1 switches it off).
         min_lr: floor of the decayed learning rate.
-        momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off).
-        momentum_start_epoch: (1-based) epoch where the ramp starts.
-        momentum_saturate_epoch: (1-based) epoch where the momentum reaches ``momentum_final``.
-        nonfinite: what a NaN or infinite loss does. ``"stop"``: raise
-            :class:`~lightning_gan.guards.NonFiniteError` naming the step and the network, before the update is
-            applied and before any checkpoint of it is written (on an accelerator the check is deferred to the next
-            logging step or checkpoint, to spare a host sync per step; the error still names the first bad step;
-            see :mod:`lightning_gan.guards`). ``"skip"``: leave that update out (the batch still counts in
-            ``global_step``), count it in :attr:`skipped_updates` and log ``train/skipped_updates``; it stops all
-            the same when the network's parameters are non-finite.
-        cuda_graph: on a CUDA device, capture each batch's whole update as a CUDA graph and replay it (see
-            :mod:`lightning_gan.graphed`): the same update, without the host launching hundreds of kernels per batch.
-            Needs ``torch.optim.SGD``, ``Adam`` or ``AdamW``, one device, non-mixed precision and ``nonfinite="stop"``
-            (checked on every device, a ``ValueError`` when fitting starts); callbacks' ``on_before_backward``,
-            ``on_after_backward`` and ``on_before_optimizer_step`` are not called. Elsewhere (CPU) training runs the
-            usual eager update, unchanged.
-        ema_decay: keep an exponential moving average of the generator's weights with this decay (e.g. ``0.999``),
-            as :attr:`generator_ema` (a deep copy of ``generator``), and draw from it in :meth:`sample`, the figure
-            callbacks and the Parzen evaluation (see :mod:`lightning_gan.averaging`; not in the paper). Needs 32- or
-            64-bit weights (``precision`` ``32-true``, ``64-true`` or a ``-mixed`` one), checked when fitting starts.
-            ``None``: no average.
+        momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off), from the
+            (1-based) epoch ``momentum_start_epoch`` to ``momentum_saturate_epoch``.
+        nonfinite: on a NaN or infinite loss, ``"stop"`` raises :class:`~lightning_gan.guards.NonFiniteError` before
+            the update is applied or checkpointed (deferred on an accelerator; see :mod:`lightning_gan.guards`);
+            ``"skip"`` leaves the update out and counts it in :attr:`skipped_updates`.
+        cuda_graph: on a CUDA device, capture each step's update as a CUDA graph and replay it (see
+            :mod:`lightning_gan.graphed` for what it needs, checked when fitting starts); elsewhere, run eagerly.
+        ema_decay: keep an exponential moving average of the generator's weights, :attr:`generator_ema`, and sample
+            from it (see :mod:`lightning_gan.averaging`; not in the paper); needs 32- or 64-bit weights.
 
     Raises:
-        ValueError: for ``k < 1``, an unknown schedule or loss, ``"simultaneous"`` with ``k > 1``,
-            ``lr_decay < 1``, an unknown ``nonfinite``, ``cuda_graph`` with ``nonfinite="skip"``, or ``ema_decay``
-            outside ``(0, 1)``.
+        ValueError: for ``k < 1``, an unknown schedule, loss or ``nonfinite``, ``"simultaneous"`` with ``k > 1``,
+            ``lr_decay < 1``, ``cuda_graph`` with ``nonfinite="skip"``, or ``ema_decay`` outside ``(0, 1)``.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
 
@@ -130,61 +109,34 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         ema_decay: float | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"Expected `k` to be a positive integer, but got {k!r}.")
-        if schedule not in ("alternating", "simultaneous"):
-            raise ValueError(f"Expected `schedule` to be 'alternating' or 'simultaneous', but got {schedule!r}.")
-        if schedule == "simultaneous" and k != 1:
-            raise ValueError(
-                f"The 'simultaneous' schedule updates both networks from one minibatch, so `k` must be 1, but got "
-                f"k={k}; use schedule='alternating' for k > 1."
-            )
-        if generator_loss not in ("minimax", "non_saturating"):
-            raise ValueError(
-                f"Expected `generator_loss` to be 'minimax' or 'non_saturating', but got {generator_loss!r}."
-            )
-        if lr_decay < 1:
-            raise ValueError(f"Expected `lr_decay` >= 1 (1 keeps the learning rate constant), but got {lr_decay}.")
-        if not (hasattr(generator, "noise_dim") and callable(getattr(generator, "sample_noise", None))):
-            raise TypeError(
-                f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
-                "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
-            )
-        if cuda_graph and nonfinite == "skip":
-            raise ValueError(
-                "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
-                "`nonfinite: stop` with `cuda_graph: true`, or `cuda_graph: false`."
-            )
+        check_arguments(generator, k, schedule, generator_loss, lr_decay, nonfinite, cuda_graph, ema_decay)
         # From LightningCLI the hyperparameters are the parsed config, networks included, so that `lightning-gan test
-        # --ckpt_path` (which re-reads them) and `GAN.load_from_checkpoint(path)` rebuild the networks. From plain
-        # Python, the networks (in the checkpoint as weights) and the optimizer factories (code, e.g. a partial, which
-        # `torch.load(weights_only=True)` refuses to unpickle) are left out: pass them again when loading.
-        from_cli = _given_hyperparameters.get() is not None
+        # --ckpt_path` and `GAN.load_from_checkpoint(path)` rebuild the networks. From Python, the networks (in the
+        # checkpoint as weights) and optimizer factories (code, which `torch.load(weights_only=True)` refuses) are
+        # left out: pass them again when loading.
         code = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]
-        self.save_hyperparameters(ignore=[] if from_cli else code)
+        self.save_hyperparameters(ignore=[] if instantiated_by_cli() else code)
         self.automatic_optimization = False
-        self.generator = generator
-        self.discriminator = discriminator
-        self.k = k
-        self.schedule = schedule
-        self.generator_loss = generator_loss
-        self.generator_optimizer = generator_optimizer or _paper_sgd
-        self.discriminator_optimizer = discriminator_optimizer or _paper_sgd
+        self.generator, self.discriminator = generator, discriminator
+        self.k, self.schedule, self.generator_loss = k, schedule, generator_loss
+        self.generator_optimizer = generator_optimizer or paper_sgd
+        self.discriminator_optimizer = discriminator_optimizer or paper_sgd
         self.lr_decay, self.min_lr = lr_decay, min_lr
         self.momentum_final = momentum_final
         self.momentum_start_epoch, self.momentum_saturate_epoch = momentum_start_epoch, momentum_saturate_epoch
-        self.nonfinite = nonfinite
-        self._guard = NonFiniteGuard(nonfinite)  # raises ValueError for an unknown mode
-        self.cuda_graph = cuda_graph
+        self.nonfinite, self.cuda_graph, self.ema_decay = nonfinite, cuda_graph, ema_decay
+        self.average = GeneratorAverage(generator, ema_decay) if ema_decay is not None else None
+        self.generator_ema = self.average.module if self.average is not None else None
+        self._guard = NonFiniteGuard(nonfinite, discriminator, generator)
+        self.graph_runner: CudaGraphRunner | None = None  # the fast path's state, while it trains
+        self._stepper: SchedulerStepper | None = None  # while it trains
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
         self._loader_stacks = False  # whether the training loader stacks batches (set when training starts)
-        # Initial weights: neither trained (a fit started) nor loaded. A fit sets the generator's output bias from the
-        # data only for them; validating or testing them gets a warning.
+        # Neither trained nor loaded: a fit sets the output bias from the data only then; evaluating warns.
         self._fresh_weights = True
         self.register_load_state_dict_post_hook(_mark_weights_loaded)
-        self._init_average(ema_decay)  # raises ValueError for a decay outside (0, 1)
 
-    # ------------------------------------------------------------------ losses (override to change the game)
+    # ------------------------------------------------------------------ the game (override to change it)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         """The negated value function: ``0.5 * (BCE(D(x), 1) + BCE(D(G(z)), 0))`` from logits, batch mean."""
         return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
@@ -201,210 +153,6 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             return F.softplus(-fake_logits).mean()
         return -F.softplus(fake_logits).mean()
 
-    # ------------------------------------------------------------------ optimizers and schedules
-    def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
-        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps.
-
-        An override returns the discriminator's optimizer first, then the generator's (checked when training
-        starts); schedulers besides the authors' are stepped as Lightning's automatic optimization would (see
-        :meth:`_other_schedulers`)."""
-        optimizers = [
-            self._make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
-            self._make_optimizer("generator", self.generator_optimizer, self.generator),
-        ]
-        if self.cuda_graph:  # checked on every device, so that a config tried on a CPU also runs on a GPU
-            check_graph_safe(optimizers[0], "discriminator")
-            check_graph_safe(optimizers[1], "generator")
-        schedulers: list[Any] = []
-        if self.lr_decay != 1:
-            schedulers += [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers]
-        if self.momentum_final is not None:
-            schedulers += [
-                MomentumRamp(opt, self.momentum_final, self.momentum_start_epoch, self.momentum_saturate_epoch)
-                for opt in optimizers
-            ]
-        return optimizers, schedulers
-
-    @staticmethod
-    def _make_optimizer(name: str, factory: Any, network: nn.Module) -> Optimizer:
-        fix = f"set `{name}_optimizer.init_args.lr` (--model.init_args.{name}_optimizer.init_args.lr) to a value > 0"
-        try:
-            optimizer = factory(network.parameters())
-        except ValueError as err:  # torch's own check, e.g. "Invalid learning rate: -0.1"
-            raise ValueError(
-                f"The {name} optimizer rejected its arguments ({err}): expected a positive learning rate; {fix}."
-            ) from err
-        for group in optimizer.param_groups:
-            if not group["lr"] > 0:
-                raise ValueError(
-                    f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; {fix}."
-                )
-        return optimizer
-
-    def _schedulers(self, kind: type, optimizer: Optimizer | None = None) -> list[Any]:
-        """This module's schedulers of type ``kind`` (of ``optimizer`` only, if given)."""
-        return [
-            config.scheduler
-            for config in self.trainer.lr_scheduler_configs
-            if isinstance(config.scheduler, kind) and optimizer in (None, config.scheduler.optimizer)
-        ]
-
-    def _other_schedulers(self, interval: str | None = None) -> list[LRSchedulerConfig]:
-        """The schedulers of an overridden ``configure_optimizers`` (with this ``interval``, if given), besides the
-        authors' (which are stepped by type). Manual optimization leaves every scheduler to the module: ``GAN`` steps
-        them as Lightning's automatic optimization would, through :meth:`lr_scheduler_step`, counting each
-        optimizer's own updates for ``interval: "step"``."""
-        return [
-            config
-            for config in self.trainer.lr_scheduler_configs
-            if interval in (None, config.interval)
-            and not isinstance(config.scheduler, (ExponentialDecay, MomentumRamp))
-        ]
-
-    def _check_other_schedulers(self) -> None:
-        """Refuse other schedulers that the authors' decay would undo, and a ``ReduceLROnPlateau`` that nothing gives
-        its metric (Lightning's manual optimization drops the scheduler dict's ``monitor``)."""
-        others = [config.scheduler for config in self._other_schedulers()]
-        decayed = [decay.optimizer for decay in self._schedulers(ExponentialDecay)]
-        if any(other.optimizer is optimizer for other in others for optimizer in decayed):
-            raise ValueError(
-                "`lr_decay` (the authors' decay) sets the learning rate from its initial value at every update, which "
-                "would undo the other schedulers that `configure_optimizers` returns: set `lr_decay: 1` "
-                "(--model.init_args.lr_decay=1) to schedule the learning rate with your own."
-            )
-        if any(isinstance(other, ReduceLROnPlateau) for other in others) and not is_overridden(
-            "lr_scheduler_step", self, LightningModule
-        ):
-            raise ValueError(
-                "A ReduceLROnPlateau scheduler needs the value of a metric, but under manual optimization Lightning "
-                "drops the scheduler dict's `monitor`: override `lr_scheduler_step(self, scheduler, metric)` to call "
-                "`scheduler.step(self.trainer.callback_metrics['val/d_loss'])` (or the metric you watch) for it and "
-                '`super().lr_scheduler_step(scheduler, metric)` for the others, and give it `"interval": "epoch"`, '
-                "so that validation has run."
-            )
-
-    def _per_update_schedulers(self, optimizer: Optimizer) -> list[tuple[Any, int, Callable[[], Any]]]:
-        """``(scheduler, frequency, step)`` for the schedulers stepped after every ``frequency``-th update of
-        ``optimizer``: the authors' decay (its own ``step``, on the hot path without the user's hook), and any other
-        with ``interval: "step"`` (through :meth:`lr_scheduler_step`)."""
-        schedulers = [(decay, 1, decay.step) for decay in self._schedulers(ExponentialDecay, optimizer)]
-        schedulers += [
-            (config.scheduler, config.frequency, partial(self.lr_scheduler_step, config.scheduler, None))
-            for config in self._other_schedulers("step")
-            if config.scheduler.optimizer is optimizer
-        ]
-        return schedulers
-
-    @staticmethod
-    def _step_per_update(schedulers: list[tuple[Any, int, Callable[[], Any]]], updates: int) -> None:
-        """Step ``schedulers`` (:meth:`_per_update_schedulers`) after their optimizer's ``updates``-th update."""
-        for _, frequency, step in schedulers:
-            if updates % frequency == 0:
-                step()
-
-    def _check_optimizers(self) -> None:
-        """Refuse optimizers that are not the discriminator's, then the generator's (an overridden
-        ``configure_optimizers`` may return them the other way round)."""
-        fix = "`configure_optimizers` must return two optimizers: the discriminator's first, then the generator's"
-        if len(self.trainer.optimizers) != 2:
-            raise ValueError(f"{fix}, but it returned {len(self.trainer.optimizers)}.")
-        for index, (name, network) in enumerate((("discriminator", self.discriminator), ("generator", self.generator))):
-            own = {id(parameter) for parameter in network.parameters()}
-            held = [parameter for group in self._optimizer(index).param_groups for parameter in group["params"]]
-            if not held or any(id(parameter) not in own for parameter in held):
-                raise ValueError(f"{fix}, but optimizer {index} holds parameters that are not the {name}'s.")
-
-    # ------------------------------------------------------------------ fit-time setup
-    def setup(self, stage: str) -> None:
-        trainer = self._trainer
-        if trainer is None:
-            return
-        if isinstance(trainer.strategy, DDPStrategy) and not trainer.strategy._ddp_kwargs.get(
-            "find_unused_parameters", False
-        ):
-            # Each backward pass trains one network, so the other's parameters get no gradient in it; DDP must be
-            # told, or it waits for them (Lightning-AI/pytorch-lightning#20328).
-            trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
-            rank_zero_info("GAN: enabling DDP `find_unused_parameters`, as each backward pass trains one network.")
-        if stage == "fit" and trainer.world_size > 1:
-            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
-            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
-            # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
-        self._check_image_shape(trainer.datamodule)
-        if stage == "fit" and not any(isinstance(callback, _StackedSteps) for callback in trainer.callbacks):
-            trainer.callbacks.insert(0, _StackedSteps())  # first: callbacks that log as a batch starts see its count
-        if stage == "fit" and self.cuda_graph:
-            self._check_cuda_graph_fits()
-        # A resumed run's weights are restored after setup: for it, this bias is overwritten.
-        if stage == "fit" and self._fresh_weights and getattr(self.generator, "output_bias_from_data", False):
-            self._init_output_bias_from_data()
-
-    def _check_image_shape(self, datamodule: Any) -> None:
-        """Refuse networks built for images of another shape than the datamodule's, naming the key to set."""
-        images = getattr(getattr(getattr(datamodule, "splits", None), "train", None), "images", None)
-        if not isinstance(images, Tensor):
-            return
-        shape = tuple(images.shape[1:])
-        for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
-            network = getattr(self, name)
-            built_for = getattr(network, attribute, None)
-            if not isinstance(built_for, Sequence) or tuple(built_for) == shape:
-                continue  # a network that does not say its shape (as a sequence) is left to fail on its own
-            fix = (
-                f"set `model.init_args.{name}.init_args.{attribute}` to {list(shape)}"
-                if attribute in inspect.signature(type(network)).parameters
-                else f"choose the arguments of {type(network).__name__} that make its `{attribute}` {list(shape)}"
-            )
-            raise ValueError(
-                f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: {fix}."
-            )
-
-    def _init_output_bias_from_data(self) -> None:
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        pixel_mean = getattr(datamodule, "pixel_mean", None)
-        if not callable(pixel_mean):
-            rank_zero_warn(
-                "The generator asks for its output bias from the training data (`output_bias_from_data`), but the "
-                "datamodule has no `pixel_mean()`; the bias stays at its initial value."
-            )
-            return
-        marginals = pixel_mean()
-        self.generator.init_output_bias(marginals)
-        if self.generator_ema is not None:
-            self.generator_ema.init_output_bias(marginals)
-
-    @property
-    def _one_pass(self) -> bool:
-        """Whether the simultaneous update is the authors' one-pass graph: on a single device (see
-        :meth:`_simultaneous_losses`)."""
-        return self._trainer is None or isinstance(self._trainer.strategy, SingleDeviceStrategy)
-
-    def on_fit_start(self) -> None:
-        self._check_average_precision()
-
-    def on_train_start(self) -> None:
-        self._fresh_weights = False
-        self._checked_stack = 1  # the stack size whose step counts were checked, for this trainer: none yet
-        self._loader_stacks = getattr(self.trainer.train_dataloader, "stack_batches", 1) > 1
-        self._check_optimizers()
-        self._check_other_schedulers()
-        self._catch_up_epoch_schedules()
-        self._continue_average(self.generator_updates)
-        self._d_decay = self._per_update_schedulers(self._optimizer(0))
-        self._g_decay = self._per_update_schedulers(self._optimizer(1))
-        self._start_cuda_graphs()
-
-    def _optimizer(self, index: int) -> Optimizer:
-        optimizer = self.trainer.optimizers[index]
-        return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-    # ------------------------------------------------------------------ training
-    @property
-    def generator_updates(self) -> int:
-        """Generator updates made so far (``global_step`` counts discriminator updates)."""
-        return self.global_step // self.k
-
     def real_images(self, batch: Any) -> Tensor:
         """The images of a training, validation or test batch: the batch itself, or the first item of an
         ``(images, labels)`` sequence. Override to read another kind of batch (e.g. a dict)."""
@@ -416,42 +164,150 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
             )
         return images
 
-    def _stack_size(self, real: Tensor) -> int:
-        """The training steps in a training batch's images: ``S`` for a stack ``(S, B, *image)``
-        (``GANDataModule(steps_per_batch=S)``), else 1. A stack has one dimension more than the discriminator's
-        images (its ``in_shape``); for a discriminator that does not say, the loader says (``stack_batches``)."""
-        in_shape = getattr(self.discriminator, "in_shape", None)
-        stacked = real.dim() == len(in_shape) + 2 if isinstance(in_shape, Sequence) else self._loader_stacks
-        return real.shape[0] if stacked else 1
+    def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
+        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps.
+
+        An override returns the discriminator's optimizer first, then the generator's (checked when training
+        starts); schedulers besides the authors' are stepped as Lightning's automatic optimization would (see
+        :mod:`lightning_gan.stepping`)."""
+        optimizers = [
+            make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
+            make_optimizer("generator", self.generator_optimizer, self.generator),
+        ]
+        if self.cuda_graph:  # checked on every device, so that a config tried on a CPU also runs on a GPU
+            check_graph_safe(optimizers[0], "discriminator")
+            check_graph_safe(optimizers[1], "generator")
+        schedulers = [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers if self.lr_decay != 1]
+        if self.momentum_final is not None:
+            ramp = (self.momentum_final, self.momentum_start_epoch, self.momentum_saturate_epoch)
+            schedulers += [MomentumRamp(opt, *ramp) for opt in optimizers]
+        return optimizers, schedulers
+
+    # ------------------------------------------------------------------ training: Algorithm 1
+    @property
+    def generator_updates(self) -> int:
+        """Generator updates made so far (``global_step`` counts discriminator updates)."""
+        return self.global_step // self.k
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
+        them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
+        real = self.real_images(batch)
+        steps = (real,) if self._steps_in(real) == 1 else real.unbind(0)  # counted by StackedSteps before the batch
+        log = should_update_logs(self.trainer)  # for the batch's last step
+        # the optimizers' CUDA-graph constants, read once per batch unless a scheduler may change one at any step
+        runner = self.graph_runner
+        constants = graph_constants(runner.optimizers) if runner and self._stepper.only_decays else None
+        for index, minibatch in enumerate(steps):
+            self._training_step(minibatch, log and index == len(steps) - 1, constants)
+
+    def _training_step(self, real: Tensor, log: bool, constants: tuple[Any, ...] | None) -> None:
+        step = self.global_step
+        generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
+        if generator_step and self.average is not None:
+            self.average.set_step((step + 1) // self.k)
+        if self.graph_runner is not None:
+            stats = self.graph_runner(real, generator_step, constants)
+            if not self._guard.deferred(real.device):  # else the update itself recorded it
+                self._guard.allows(step, self.current_epoch, stats[0], stats[1] if generator_step else None)
+            d_loss, g_loss, d_real, d_fake = stats.clone() if log else stats  # the next replay overwrites stats
+            for index in (0, 1) if generator_step else (0,):
+                self._after_update(index, step)
+        else:
+            allows = partial(self._guard.allows, step, self.current_epoch)
+            d_loss, g_loss, real_logits, fake_logits = self._update(
+                real, generator_step, self.manual_backward, allows, partial(self._lightning_step, step)
+            )
+        count_optimizer_step(self.trainer)
+        if generator_step:
+            self._last_g_loss = g_loss.detach()
+        if log:
+            if self.graph_runner is None:
+                d_real, d_fake = _mean_outputs(real_logits.detach(), fake_logits.detach())
+            self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
     def _update(
         self,
-        optimizer: LightningOptimizer,
-        network: nn.Module,
-        decays: list[tuple[Any, int, Callable[[], Any]]],
-        counted: bool,
-    ) -> None:
-        if counted:
-            optimizer.step()
-        else:
-            # Stepping without Lightning's step hooks keeps generator updates out of `global_step`.
-            before, after = optimizer._on_before_step, optimizer._on_after_step
-            optimizer._on_before_step = optimizer._on_after_step = _do_nothing
-            try:
-                optimizer.step()
-            finally:
-                optimizer._on_before_step, optimizer._on_after_step = before, after
-        self._constrain(network)
-        if network is self.generator and self.generator_ema is not None:
-            self._set_average_weight(self.generator_updates)
-            self._average_generator()
-        self._step_per_update(decays, self.generator_updates if network is self.generator else self.global_step)
+        real: Tensor,
+        generator_step: bool,
+        backward: Backward,
+        allows: Callable[[Tensor | None, Tensor | None], bool],
+        optimizer_step: Callable[[LightningOptimizer], None],
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """One update on ``real``, eager or inside a CUDA graph: gradients through ``backward``, applied where
+        ``allows(d_loss, g_loss)``, each network stepped by ``optimizer_step``. Returns the losses (``g_loss`` is
+        ``None`` without a generator update) and the logits of the real and the generated batch."""
+        d_opt, g_opt = self.optimizers()
+        if self.schedule == "simultaneous":
+            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
+            d_opt.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
+            self._simultaneous_backward(d_loss, g_loss, backward)
+            self._step_networks(
+                allows(d_loss, g_loss), optimizer_step, (d_opt, self.discriminator), (g_opt, self.generator)
+            )
+            return d_loss, g_loss, real_logits, fake_logits
+        with torch.no_grad():
+            fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+        d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
+        d_opt.zero_grad(set_to_none=True)
+        backward(d_loss)
+        self._step_networks(allows(d_loss, None), optimizer_step, (d_opt, self.discriminator))
+        g_loss = None
+        if generator_step:
+            with self.toggled_optimizer(g_opt):  # the discriminator's parameters get no gradient
+                g_loss = self.generator_loss_fn(self.discriminator(self.generator(self.generator.sample_noise(
+                    real.shape[0], self.device))))  # fmt: skip
+            g_opt.zero_grad(set_to_none=True)
+            backward(g_loss)
+            self._step_networks(allows(None, g_loss), optimizer_step, (g_opt, self.generator))
+        return d_loss, g_loss, real_logits, fake_logits
 
-    @staticmethod
-    def _constrain(network: nn.Module) -> None:
-        apply_constraints = getattr(network, "apply_constraints", None)
-        if callable(apply_constraints):
-            apply_constraints()
+    def _step_networks(
+        self, allowed: bool, optimizer_step: Callable[[LightningOptimizer], None], *updates: Any
+    ) -> None:
+        """Step each ``(optimizer, network)`` of ``updates``, then its constraints and the weight average, or, when
+        not ``allowed``, drop its gradients."""
+        for optimizer, network in updates:
+            if not allowed:
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer_step(optimizer)
+            constrain = getattr(network, "apply_constraints", None)
+            if callable(constrain):
+                constrain()
+            if network is self.generator and self.average is not None:
+                self.average.update(self.generator)
+
+    def _lightning_step(self, step: int, optimizer: LightningOptimizer) -> None:
+        """The eager step of ``optimizer`` at training step ``step``: through Lightning's strategy (precision, hooks,
+        clipping; ``global_step`` is counted by :meth:`_training_step`), then its per-update schedulers."""
+        with self.trainer.profiler.profile("optimizer_step"):
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
+        self._after_update(0 if optimizer.optimizer is self.trainer.optimizers[0] else 1, step)
+
+    def _after_update(self, index: int, step: int) -> None:
+        """Step optimizer ``index``'s per-update schedulers after its update at training step ``step``."""
+        self._stepper.after_update(index, step + 1 if index == 0 else (step + 1) // self.k)
+
+    def _graphed_update(self, real: Tensor, generator_step: bool) -> Tensor:
+        """The body of the CUDA graph: :meth:`_update` with nothing read back to the host. Returns
+        ``[d_loss, g_loss (NaN without a generator step), D(x), D(G(z))]``."""
+        deferred, runner = self._guard.deferred(real.device), self.graph_runner
+        allows = partial(_record, self._guard, runner.step) if deferred else lambda d_loss, g_loss: True
+        d_loss, g_loss, real_logits, fake_logits = self._update(
+            real, generator_step, Tensor.backward, allows, lambda optimizer: optimizer.optimizer.step()
+        )
+        runner.step.add_(1)
+        g_loss = torch.full_like(d_loss, float("nan")) if g_loss is None else g_loss
+        return torch.stack([d_loss, g_loss, *_mean_outputs(real_logits, fake_logits)]).detach()
+
+    @property
+    def _one_pass(self) -> bool:
+        """Whether the simultaneous update is the authors' one-pass graph: on a single device."""
+        trainer = attached_trainer(self)
+        return trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
 
     def _simultaneous_losses(self, real: Tensor, g_opt: LightningOptimizer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Both objectives from one noise draw and the same discriminator parameters.
@@ -463,17 +319,15 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         exactly its own."""
         fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
         real_logits = self.discriminator(real)
-        if self._one_pass:
-            fake_logits = self.discriminator(fake)
-            d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
-            return d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits
-        fake_logits = self.discriminator(fake.detach())
+        fake_logits = self.discriminator(fake if self._one_pass else fake.detach())
         d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
+        if self._one_pass:
+            return d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits
         with self.toggled_optimizer(g_opt):
             g_loss = self.generator_loss_fn(self.discriminator(fake))
         return d_loss, g_loss, real_logits, fake_logits
 
-    def _simultaneous_backward(self, d_loss: Tensor, g_loss: Tensor, backward: Any) -> None:
+    def _simultaneous_backward(self, d_loss: Tensor, g_loss: Tensor, backward: Backward) -> None:
         """Each network's gradient from its own objective, through ``backward`` (``manual_backward`` or a tensor's)."""
         if self._one_pass:
             backward(d_loss, inputs=[p for p in self.discriminator.parameters() if p.requires_grad], retain_graph=True)
@@ -481,163 +335,50 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         else:
             backward(d_loss + g_loss)
 
-    def _discriminator_objective(self, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Discriminator loss on ``real`` and fresh samples, and the two batches' logits."""
-        with torch.no_grad():
-            fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake)
-        return (
-            self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake),
-            real_logits,
-            fake_logits,
-        )
-
     def _with_penalty(self, d_loss: Tensor, real: Tensor, fake: Tensor) -> Tensor:
         penalty = self.discriminator_penalty(real, fake.detach())
         return d_loss if penalty is None else d_loss + penalty
 
-    def _generator_objective(self, g_opt: LightningOptimizer, n: int) -> Tensor:
-        """Generator loss on fresh noise; the discriminator's parameters get no gradient from it."""
-        with self.toggled_optimizer(g_opt):
-            fake_logits = self.discriminator(self.generator(self.generator.sample_noise(n, self.device)))
-        return self.generator_loss_fn(fake_logits)
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
-        them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
-        real = self.real_images(batch)
-        steps = (real,) if self._stack_size(real) == 1 else real.unbind(0)  # counted by _StackedSteps before the batch
-        log = self.trainer._logger_connector.should_update_logs  # for the batch's last step
-        step = self._batch_graphed_step() if self._graphs is not None else self._eager_training_step
-        for index, minibatch in enumerate(steps):
-            step(minibatch, log and index == len(steps) - 1)
-
-    def _count_stack(self, batch: Any) -> None:
-        """For a stack of steps: check its size against the run's step counts, and make Lightning's count of
-        batches (the loggers' x-axis and ``log_every_n_steps``) count steps."""
-        size = self._stack_size(self.real_images(batch))
-        if size == 1:
-            return
-        if size != self._checked_stack:
-            self._check_stack(size)
-        if self.global_step % size:
-            raise ValueError(
-                f"A stack of {size} steps starts at global step {self.global_step}, which is no multiple of {size}: "
-                "every stack must hold the same number of steps (`steps_per_batch`), and a run must resume with "
-                "the number it was saved with."
-            )
-        # the batch's steps but its last, which Lightning adds after it
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step + size - 1
-
-    def _check_stack(self, size: int) -> None:
-        """Refuse step counts that Lightning tests after each batch (``global_step % n == 0``) and that a stack of
-        ``size`` steps per batch would skip over, and a ``max_steps`` inside a stack."""
-        trainer = self.trainer
-        counts = {
-            "trainer.log_every_n_steps": trainer.log_every_n_steps,
-            "trainer.max_steps": max(trainer.max_steps, 0),
-        }
-        for callback in trainer.callbacks:
-            count = getattr(callback, "_every_n_train_steps", None)  # ModelCheckpoint's
-            if count:
-                counts[f"{type(callback).__name__}.every_n_train_steps"] = count
-        misfits = [f"{name}={count}" for name, count in counts.items() if count % size]
-        if misfits:
-            raise ValueError(
-                f"Batches of {size} stacked steps (`steps_per_batch`) advance `global_step` {size} at a time, so step "
-                f"counts checked after a batch must be multiples of {size}, but {', '.join(misfits)}: change them or "
-                "`steps_per_batch`."
-            )
-        self._checked_stack = size
-
-    def _eager_training_step(self, real: Tensor, log: bool) -> None:
-        d_opt, g_opt = self.optimizers()
-        n, step = real.shape[0], self.global_step
-        if self.schedule == "simultaneous":
-            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
-            d_opt.zero_grad(set_to_none=True)
-            g_opt.zero_grad(set_to_none=True)
-            self._simultaneous_backward(d_loss, g_loss, self.manual_backward)
-            if self._guard.allows(self, step, d_loss, g_loss):
-                self._update(d_opt, self.discriminator, self._d_decay, counted=True)
-                self._update(g_opt, self.generator, self._g_decay, counted=False)
-            else:
-                self._skip_update(d_opt, counted=True)
-                self._skip_update(g_opt, counted=False)
-        else:
-            d_loss, real_logits, fake_logits = self._discriminator_objective(real)
-            d_opt.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            if self._guard.allows(self, step, d_loss, None):
-                self._update(d_opt, self.discriminator, self._d_decay, counted=True)
-            else:
-                self._skip_update(d_opt, counted=True)
-            g_loss = None
-            if self.global_step % self.k == 0:
-                g_loss = self._generator_objective(g_opt, n)
-                g_opt.zero_grad(set_to_none=True)
-                self.manual_backward(g_loss)
-                if self._guard.allows(self, step, None, g_loss):
-                    self._update(g_opt, self.generator, self._g_decay, counted=False)
-                else:
-                    self._skip_update(g_opt, counted=False)
-        if g_loss is not None:
-            self._last_g_loss = g_loss.detach()
-        if log:
-            d_real, d_fake = self._mean_outputs(real_logits.detach(), fake_logits.detach())
-            self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
-
-    def on_train_epoch_start(self) -> None:
-        self._catch_up_epoch_schedules()
-
-    def _catch_up_epoch_schedules(self) -> None:
-        # A checkpoint saved at the end of validation, or of an epoch's last batch, precedes on_train_epoch_end: on
-        # resume, catch up the ramp and the other per-epoch schedulers (after the last batch's checkpoint Lightning
-        # starts the next epoch without on_train_epoch_start, hence also in on_train_start).
-        for ramp in self._schedulers(MomentumRamp):
-            while ramp.last_epoch < self.current_epoch:
-                ramp.step()
-        for config in self._other_schedulers("epoch"):
-            if isinstance(config.scheduler, LRScheduler) and not isinstance(config.scheduler, ReduceLROnPlateau):
-                while config.scheduler.last_epoch < self.current_epoch // config.frequency:
-                    self.lr_scheduler_step(config.scheduler, None)
-
-    def on_train_epoch_end(self) -> None:
-        self._guard.check_deferred(self)
-        for ramp in self._schedulers(MomentumRamp):
-            ramp.step()
-        for config in self._other_schedulers("epoch"):
-            if isinstance(config.scheduler, ReduceLROnPlateau) and self.trainer.fit_loop.restarting:
-                continue  # a resume repeating the end of the saved epoch, whose metrics are gone (as Lightning does)
-            if (self.current_epoch + 1) % config.frequency == 0:
-                self.lr_scheduler_step(config.scheduler, None)
+    def _steps_in(self, batch: Any) -> int:
+        """The training steps in a training batch (see :func:`lightning_gan.stacking.stack_size`)."""
+        real = batch if isinstance(batch, Tensor) else self.real_images(batch)
+        return stack_size(real, getattr(self.discriminator, "in_shape", None), self._loader_stacks)
 
     @property
     def skipped_updates(self) -> int:
         """Updates left out for a non-finite loss (``nonfinite="skip"``); checkpointed."""
         return self._guard.skipped
 
-    @staticmethod
-    def _count_step(optimizer: LightningOptimizer) -> None:
-        """Advance ``global_step`` by one, as a discriminator ``optimizer.step()`` through Lightning does."""
-        optimizer._on_before_step()
-        optimizer._on_after_step()
+    # ------------------------------------------------------------------ sampling
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator that :meth:`sample`, the figure callbacks and the Parzen evaluation draw from: the weight
+        average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
-    def _skip_update(self, optimizer: LightningOptimizer, counted: bool) -> None:
-        """Leave an update out; a counted (discriminator) one still advances ``global_step``, as a batch was used."""
-        optimizer.zero_grad(set_to_none=True)
-        if counted:
-            self._count_step(optimizer)
+    def sample(self, n: int) -> Tensor:
+        """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
+        in eval mode, on the module's device."""
+        generator = self.sampling_generator
+        return eval_forward(generator, generator.sample_noise(n, self.device))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._guard.deferred(self) and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            self._guard.check_deferred(self)
+    # ------------------------------------------------------------------ evaluation and logging
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "val")
 
-    @staticmethod
-    def _mean_outputs(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean D(x) and D(G(z)) from the logits."""
-        return torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "test")
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
+        real = self.real_images(batch)
+        fake = self.generator(self._evaluation_noise(real.shape[0], batch_idx))
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+        d_loss = self.discriminator_loss(real_logits, fake_logits)
+        self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), *_mean_outputs(real_logits, fake_logits))
+
+    def _evaluation_noise(self, n: int, batch_idx: int) -> Tensor:
+        """Seeded by the batch index and the rank: reproducible, each rank its own, training's stream untouched."""
+        return seeded_noise(self.generator, n, batch_idx * self.trainer.world_size + self.global_rank, self.device)
 
     def _log_step(self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, d_real: Tensor, d_fake: Tensor) -> None:
         """Log the losses and the discriminator's mean outputs (in training, ``g_loss`` is the latest generator
@@ -648,116 +389,265 @@ class GAN(CudaGraphTraining, GeneratorAveraging, LightningModule):
         if g_loss is not None:
             metrics[f"{prefix}/g_loss"] = g_loss.detach()
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=False)
-        if on_step and self.nonfinite == "skip":  # "skip" reads its flag back every update anyway (see guards.py)
+        if not on_step:
+            return
+        if self.nonfinite == "skip":  # "skip" reads its flag back every update anyway (see guards.py)
             self.log("train/skipped_updates", float(self.skipped_updates), on_step=True, on_epoch=False)
-        if on_step:
-            d_opt, g_opt = self._optimizer(0), self._optimizer(1)
-            self.log_dict(
-                {
-                    "train/lr_d": d_opt.param_groups[0]["lr"],
-                    "train/lr_g": g_opt.param_groups[0]["lr"],
-                    **{
-                        f"train/momentum_{tag}": opt.param_groups[0]["momentum"]
-                        for tag, opt in (("d", d_opt), ("g", g_opt))
-                        if "momentum" in opt.param_groups[0]
-                    },
-                },
-                on_step=True,
-                on_epoch=False,
-            )
+        groups = {tag: optimizer.param_groups[0] for tag, optimizer in zip("dg", self.trainer.optimizers, strict=True)}
+        rates = {f"train/lr_{tag}": group["lr"] for tag, group in groups.items()}
+        momenta = {f"train/momentum_{tag}": group["momentum"] for tag, group in groups.items() if "momentum" in group}
+        self.log_dict({**rates, **momenta}, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ hooks: set-up, checks, schedules
+    def setup(self, stage: str) -> None:
+        trainer = attached_trainer(self)
+        if trainer is None:
+            return
+        if stage == "fit" and trainer.world_size > 1:
+            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
+            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
+            # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        check_image_shape(self, trainer.datamodule)
+        if stage != "fit":
+            return
+        stacked = next((c for c in trainer.callbacks if isinstance(c, StackedSteps)), None)
+        if stacked is None:
+            trainer.callbacks.insert(0, StackedSteps(self, self._steps_in))  # first: callbacks see the batch's count
+        else:
+            stacked.module, stacked.steps_in = self, self._steps_in
+        if self.cuda_graph:
+            check_graph_fits(trainer.world_size, trainer.precision)
+        # A resumed run's weights are restored after setup: for it, this bias is overwritten.
+        if self._fresh_weights and getattr(self.generator, "output_bias_from_data", False):
+            init_output_bias([self.generator, self.generator_ema], trainer.datamodule)
+
+    def on_fit_start(self) -> None:
+        check_ddp(self.trainer.strategy.model)
+        if self.average is not None:
+            self.average.check_precision()
+
+    def on_train_start(self) -> None:
+        self._fresh_weights = False
+        self._loader_stacks = getattr(self.trainer.train_dataloader, "stack_batches", 1) > 1
+        check_optimizers(self.trainer.optimizers, self.discriminator, self.generator)
+        self._stepper = SchedulerStepper(self.trainer.lr_scheduler_configs, self.trainer.optimizers,
+                                         self.lr_scheduler_step)  # fmt: skip
+        self._stepper.check(is_overridden("lr_scheduler_step", self, LightningModule))
+        self._stepper.catch_up(self.current_epoch)  # after the last batch's checkpoint, no on_train_epoch_start
+        if self.average is not None:
+            self.average.start_fit(self.generator_updates)
+        self.graph_runner = None
+        if self.cuda_graph and self.device.type != "cuda" and CudaGraphRunner.requires_cuda:
+            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
+        elif self.cuda_graph:
+            self._guard.first_bad(self.device)  # before any capture, so that the graphs update it in place
+            self.graph_runner = CudaGraphRunner(self._graphed_update, self.trainer.optimizers, self.device,
+                                                self.global_step)  # fmt: skip
+
+    def on_train_epoch_start(self) -> None:
+        self._stepper.catch_up(self.current_epoch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._guard.deferred(self.device) and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._guard.check_deferred(self.global_step, self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self._guard.check_deferred(self.global_step, self.current_epoch)
+        self._stepper.end_epoch(self.current_epoch, self.trainer.fit_loop.restarting)
+
+    def on_validation_start(self) -> None:
+        if self._fresh_weights and self.trainer.state.fn != TrainerFn.FITTING:
+            warn_untrained("validate")
+
+    def on_test_start(self) -> None:
+        if self._fresh_weights:
+            warn_untrained("test")
 
     # ------------------------------------------------------------------ checkpoints: exact resume, no broken files
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to save non-finite weights; add every rank's random state and the skipped-update count."""
-        self._guard.check_before_saving(self)
-        states = [rng_state(self.device)]
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
-            states = [None] * trainer.world_size
-            torch.distributed.all_gather_object(states, rng_state(self.device))
+        self._guard.check_before_saving(self.global_step, self.current_epoch)
         checkpoint["lightning_gan"] = {
-            "rng_states": states,
+            "rng_states": all_gather_object(rng_state(self.device)),
             "skipped_updates": self.skipped_updates,
-            "ema_updates": self._ema_updates,
+            "ema_updates": self.average.updates if self.average is not None else 0,
         }
-        self._checkpoint_as_eager(checkpoint)
+        if self.graph_runner is not None:
+            self.graph_runner.checkpoint_as_eager(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fit the generator average to the checkpoint; when fitting, restore this rank's random state (exact
         resume). The networks are checked against its weights when they load (:meth:`load_state_dict`)."""
-        self._fit_average_to(checkpoint, int(checkpoint.get("global_step", 0)) // self.k)
-        self._fresh_weights = False
-        if self._graphs is not None:
-            self._graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
         state = checkpoint.get("lightning_gan") or {}
+        fit_average_to(checkpoint, self.average, int(checkpoint.get("global_step", 0)) // self.k)
+        self._fresh_weights = False
+        if self.graph_runner is not None:
+            self.graph_runner.graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
         self._guard.skipped = int(state.get("skipped_updates", 0))
-        trainer = self._trainer
-        loop = trainer.fit_loop.epoch_loop if trainer is not None else None
-        if (
-            loop is not None
-            and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
-            and not loop._batches_that_stepped
-        ):
+        trainer = attached_trainer(self)
+        if trainer is None:
+            return
+        if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not logged_steps(trainer):
             # the loggers' x-axis: the evaluated checkpoint's step (Lightning restores no step outside a fit), for a
             # trainer that has not fitted (one that has keeps counting its own steps)
-            loop._batches_that_stepped = int(checkpoint.get("global_step", 0))
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING or "rng_states" not in state:
-            return
-        states = state["rng_states"]
-        if len(states) != trainer.world_size:
-            rank_zero_warn(
-                f"The checkpoint holds the random state of {len(states)} process(es), this run has "
-                f"{trainer.world_size}: training continues correctly, but not bitwise as the original run would have."
-            )
-        if self.global_rank < len(states):
-            set_rng_state(states[self.global_rank], self.device)
+            set_logged_steps(trainer, int(checkpoint.get("global_step", 0)))
+        if trainer.state.fn == TrainerFn.FITTING and "rng_states" in state:
+            restore_rng_states(state["rng_states"], trainer.world_size, self.global_rank, self.device)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a strict load of other networks' weights raises a ``ValueError`` that
         names them and the fix (Lightning loads strictly unless ``strict_loading`` or ``strict=False`` say not)."""
         if strict:
-            check_architecture(self, state_dict)
+            trainer = attached_trainer(self)
+            check_architecture(self.state_dict(), state_dict, trainer.ckpt_path if trainer is not None else None)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    # ------------------------------------------------------------------ evaluation
-    def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
-        real = self.real_images(batch)
-        fake = self.generator(self._evaluation_noise(real.shape[0], batch_idx))
-        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
-        d_loss = self.discriminator_loss(real_logits, fake_logits)
-        d_real, d_fake = self._mean_outputs(real_logits, fake_logits)
-        self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), d_real, d_fake)
 
-    def _evaluation_noise(self, n: int, batch_idx: int) -> Tensor:
-        """The noise of an evaluation batch: seeded by the batch index and the rank, so that the numbers are
-        reproducible, every rank draws its own, and training's random stream is left untouched."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(batch_idx * self.trainer.world_size + self.global_rank)
-            return self.generator.sample_noise(n, self.device)
+# ---------------------------------------------------------------------- defaults and checks, outside the class
+def paper_sgd(params: Any) -> Optimizer:
+    """The paper's optimizer: SGD with learning rate .1 and momentum .5."""
+    # torch's SGD keeps buf = m * buf + g and steps lr * buf; the authors' pylearn2 rule inc = m * inc - lr * g is the
+    # same update while lr is constant, and within 4e-6 (relative) under their 1.000004 per-step decay.
+    return torch.optim.SGD(params, lr=0.1, momentum=0.5)
 
-    def on_validation_start(self) -> None:
-        self._warn_if_untrained("validate")
 
-    def on_test_start(self) -> None:
-        self._warn_if_untrained("test")
+def _record(guard: NonFiniteGuard, step: Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
+    """The CUDA graph's non-finite check: recorded on the device, the update applied."""
+    guard.record(step, d_loss, g_loss)
+    return True
 
-    def _warn_if_untrained(self, stage: str) -> None:
-        if self._fresh_weights and self.trainer.state.fn != TrainerFn.FITTING:
-            rank_zero_warn(
-                f"GAN: {stage} runs on initial weights, neither trained nor loaded from a checkpoint: pass one "
-                f"(`lightning-gan {stage} --ckpt_path PATH`, `trainer.{stage}(..., ckpt_path=PATH)`) to measure a "
-                "trained GAN."
+
+def _no_closure() -> None:
+    return None
+
+
+def _mark_weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
+    module._fresh_weights = False
+
+
+def _mean_outputs(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean D(x) and D(G(z)) from the logits."""
+    return torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+
+
+def check_arguments(
+    generator: nn.Module,
+    k: int,
+    schedule: str,
+    generator_loss: str,
+    lr_decay: float,
+    nonfinite: str,
+    cuda_graph: bool,
+    ema_decay: float | None,
+) -> None:
+    """The checks of :class:`GAN`'s arguments (see its ``Raises``)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"Expected `k` to be a positive integer, but got {k!r}.")
+    if schedule not in ("alternating", "simultaneous"):
+        raise ValueError(f"Expected `schedule` to be 'alternating' or 'simultaneous', but got {schedule!r}.")
+    if schedule == "simultaneous" and k != 1:
+        raise ValueError(
+            f"The 'simultaneous' schedule updates both networks from one minibatch, so `k` must be 1, but got "
+            f"k={k}; use schedule='alternating' for k > 1."
+        )
+    if generator_loss not in ("minimax", "non_saturating"):
+        raise ValueError(f"Expected `generator_loss` to be 'minimax' or 'non_saturating', but got {generator_loss!r}.")
+    if lr_decay < 1:
+        raise ValueError(f"Expected `lr_decay` >= 1 (1 keeps the learning rate constant), but got {lr_decay}.")
+    if not (hasattr(generator, "noise_dim") and callable(getattr(generator, "sample_noise", None))):
+        raise TypeError(
+            f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
+            "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
+        )
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"Expected `nonfinite` to be 'stop' or 'skip', but got {nonfinite!r}.")
+    if cuda_graph and nonfinite == "skip":
+        raise ValueError(
+            "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
+            "`nonfinite: stop` with `cuda_graph: true`, or `cuda_graph: false`."
+        )
+    check_decay(ema_decay)
+
+
+def make_optimizer(name: str, factory: Any, network: nn.Module) -> Optimizer:
+    """``factory(network.parameters())``, refusing a learning rate that is not positive with the key to set."""
+    fix = f"set `{name}_optimizer.init_args.lr` (--model.init_args.{name}_optimizer.init_args.lr) to a value > 0"
+    try:
+        optimizer = factory(network.parameters())
+    except ValueError as err:  # torch's own check, e.g. "Invalid learning rate: -0.1"
+        raise ValueError(
+            f"The {name} optimizer rejected its arguments ({err}): expected a positive learning rate; {fix}."
+        ) from err
+    for group in optimizer.param_groups:
+        if not group["lr"] > 0:
+            raise ValueError(
+                f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; {fix}."
             )
+    return optimizer
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "test")
+def check_optimizers(optimizers: Sequence[Optimizer], discriminator: nn.Module, generator: nn.Module) -> None:
+    """Refuse optimizers that are not the discriminator's, then the generator's (an overridden
+    ``configure_optimizers`` may return them the other way round)."""
+    fix = "`configure_optimizers` must return two optimizers: the discriminator's first, then the generator's"
+    if len(optimizers) != 2:
+        raise ValueError(f"{fix}, but it returned {len(optimizers)}.")
+    for index, (name, network) in enumerate((("discriminator", discriminator), ("generator", generator))):
+        own = {id(parameter) for parameter in network.parameters()}
+        held = [parameter for group in optimizers[index].param_groups for parameter in group["params"]]
+        if not held or any(id(parameter) not in own for parameter in held):
+            raise ValueError(f"{fix}, but optimizer {index} holds parameters that are not the {name}'s.")
 
-    def sample(self, n: int) -> Tensor:
-        """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
-        in eval mode, on the module's device."""
-        generator = self.sampling_generator
-        return eval_forward(generator, generator.sample_noise(n, self.device))
+
+def check_image_shape(gan: GAN, datamodule: Any) -> None:
+    """Refuse networks built for images of another shape than the datamodule's, naming the key to set."""
+    images = getattr(getattr(getattr(datamodule, "splits", None), "train", None), "images", None)
+    if not isinstance(images, Tensor):
+        return
+    shape = tuple(images.shape[1:])
+    for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
+        network = getattr(gan, name)
+        built_for = getattr(network, attribute, None)
+        if not isinstance(built_for, Sequence) or tuple(built_for) == shape:
+            continue  # a network that does not say its shape (as a sequence) is left to fail on its own
+        fix = (
+            f"set `model.init_args.{name}.init_args.{attribute}` to {list(shape)}"
+            if attribute in inspect.signature(type(network)).parameters
+            else f"choose the arguments of {type(network).__name__} that make its `{attribute}` {list(shape)}"
+        )
+        raise ValueError(
+            f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: {fix}."
+        )
+
+
+def check_ddp(model: nn.Module) -> None:
+    """Refuse a DDP wrapper that waits for every parameter's gradient (Lightning-AI/pytorch-lightning#20328)."""
+    if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+        raise ValueError(
+            "Each backward pass of a GAN trains one network, so DDP must be told that the other's parameters get "
+            'no gradient: use `strategy="ddp_find_unused_parameters_true"` (or the `ddp_spawn_`/`ddp_fork_` '
+            "variant of it, or `DDPStrategy(find_unused_parameters=True)`); `lightning-gan` sets it for you."
+        )
+
+
+def warn_untrained(stage: str) -> None:
+    rank_zero_warn(
+        f"GAN: {stage} runs on initial weights, neither trained nor loaded from a checkpoint: pass one "
+        f"(`lightning-gan {stage} --ckpt_path PATH`, `trainer.{stage}(..., ckpt_path=PATH)`) to measure a "
+        "trained GAN."
+    )
+
+
+def init_output_bias(generators: list[nn.Module | None], datamodule: Any) -> None:
+    """Set the ``generators``' output bias from the training data's per-pixel mean (``datamodule.pixel_mean()``)."""
+    pixel_mean = getattr(datamodule, "pixel_mean", None)
+    if not callable(pixel_mean):
+        rank_zero_warn(
+            "The generator asks for its output bias from the training data (`output_bias_from_data`), but the "
+            "datamodule has no `pixel_mean()`; the bias stays at its initial value."
+        )
+        return
+    marginals = pixel_mean()
+    for generator in filter(None, generators):
+        generator.init_output_bias(marginals)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
@@ -60,6 +61,18 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) 
     )
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def restore_rng_states(states: list[Mapping[str, Any]], world_size: int, rank: int, device: torch.device) -> None:
+    """Restore rank ``rank``'s state from a checkpoint's ``states`` (one per rank), warning when the checkpoint was
+    written by another number of processes."""
+    if len(states) != world_size:
+        rank_zero_warn(
+            f"The checkpoint holds the random state of {len(states)} process(es), this run has "
+            f"{world_size}: training continues correctly, but not bitwise as the original run would have."
+        )
+    if rank < len(states):
+        set_rng_state(states[rank], device)
 
 
 # ---------------------------------------------------------------------------------------------------- data order

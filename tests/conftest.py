@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, Trainer
 
 from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
 from lightning_gan.datasets import MNIST_FILES
+from lightning_gan.graphed import CudaGraphRunner
 
 REAL_DATA_ROOT = Path(
     os.environ.get("LIGHTNING_GAN_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets")
@@ -122,4 +123,4 @@ def real_mnist_root() -> Path:
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the fast path's bookkeeping on the CPU; its update is then made eagerly (no capture off CUDA)."""
-    monkeypatch.setattr(GAN, "_graphs_need_cuda", False)
+    monkeypatch.setattr(CudaGraphRunner, "requires_cuda", False)

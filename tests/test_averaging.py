@@ -206,6 +206,6 @@ def test_the_fast_path_keeps_the_same_average(tmp_path: Path, schedule, k) -> No
     fit(eager, tmp_path / "eager", epochs=2)
     graphed = make_gan(schedule=schedule, k=k, ema_decay=0.8, cuda_graph=True)
     fit(graphed, tmp_path / "graphed", epochs=2)
-    assert graphed._graphs is not None
+    assert graphed.graph_runner is not None
     for average, expected in zip(generator_params(graphed, "generator_ema"), generator_params(eager, "generator_ema")):
         torch.testing.assert_close(average, expected, rtol=1e-5, atol=1e-6)  # fused optimizer steps round differently

@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) under plain `strategy="ddp_spawn"`, and under `"ddp_fork"` (the same DDP strategy, its
-processes started by fork: no re-import, seconds faster): no unused-parameter error, identical weights."""
+"""Two CPU processes (gloo) under `strategy="ddp_spawn_find_unused_parameters_true"`, and under its `ddp_fork` variant
+(the same DDP strategy, its processes started by fork: no re-import, seconds faster): identical weights. DDP that is
+not told about unused parameters is refused before training, naming the strategy to use."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from test_reliability import time_limit
 
 from lightning_gan import GAN
 from lightning_gan.data import InMemoryTensors, _whole_batch
+from lightning_gan.module import check_ddp
 from lightning_gan.resume import ResumableDataLoader
 
 
@@ -62,7 +64,10 @@ def tiny_gan(schedule: str, k: int) -> GAN:
 
 @pytest.mark.parametrize(
     ("schedule", "k", "stack", "strategy"),
-    [("alternating", 2, 1, "ddp_spawn"), ("simultaneous", 1, 2, "ddp_fork")],
+    [
+        ("alternating", 2, 1, "ddp_spawn_find_unused_parameters_true"),
+        ("simultaneous", 1, 2, "ddp_fork_find_unused_parameters_true"),
+    ],
 )
 def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, stack: int, strategy: str) -> None:
     data = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -82,3 +87,14 @@ def test_ddp_fit_keeps_ranks_identical(tmp_path: Path, schedule: str, k: int, st
     assert not torch.equal(rank0["noise"], rank1["noise"])  # each rank draws its own noise
     for name, tensor in rank0["state_dict"].items():
         torch.testing.assert_close(tensor, rank1["state_dict"][name], rtol=0, atol=0, msg=name)
+
+
+def test_ddp_without_find_unused_parameters_is_refused_naming_the_strategy(tmp_path: Path) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        strict = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+        with pytest.raises(ValueError, match=r'strategy="ddp_find_unused_parameters_true"'):
+            check_ddp(strict)
+        check_ddp(torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1), find_unused_parameters=True))
+    finally:
+        torch.distributed.destroy_process_group()

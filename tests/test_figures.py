@@ -297,7 +297,7 @@ def test_figures_and_monitor_under_ddp(tmp_path: Path) -> None:
     trainer = Trainer(
         default_root_dir=tmp_path,
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_spawn_find_unused_parameters_true",
         max_epochs=2,
         limit_train_batches=2,
         logger=CSVLogger(tmp_path),

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN, MatmulPrecision
-from lightning_gan.graphed import GraphedUpdates, make_graph_safe, restore_settings
+from lightning_gan.graphed import GraphedUpdates, check_graph_fits, make_graph_safe, restore_settings
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 
 BATCHES = 6
@@ -38,7 +38,7 @@ def loader(device: str = "cpu") -> DataLoader:
 
 class RecordStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.graphed = pl_module._graphs is not None
+        self.graphed = pl_module.graph_runner is not None
 
 
 def fit(
@@ -95,7 +95,10 @@ def test_fast_path_makes_the_eager_update(tmp_path: Path, schedule: str, k: int,
     assert graphed_trainer.global_step == eager_trainer.global_step == 2 * BATCHES
     assert graphed.generator_updates == eager.generator_updates
     for index in (0, 1):
-        graphed_group, eager_group = graphed._optimizer(index).param_groups[0], eager._optimizer(index).param_groups[0]
+        graphed_group, eager_group = (
+            graphed.trainer.optimizers[index].param_groups[0],
+            eager.trainer.optimizers[index].param_groups[0],
+        )
         assert float(graphed_group["lr"]) == pytest.approx(eager_group["lr"], rel=1e-6)
         assert graphed_group.get("momentum") == eager_group.get("momentum")
     logged = graphed_trainer.callback_metrics
@@ -144,7 +147,7 @@ def test_fast_path_checkpoints_are_eager_checkpoints_and_resume_both_ways(tmp_pa
     graphed = make_gan(cuda_graph=True)
     fit(graphed, tmp_path / "graphed", epochs=3, ckpt_path=path)
     torch.testing.assert_close(flat(graphed), flat(eager), rtol=1e-5, atol=1e-6)
-    assert isinstance(graphed._optimizer(0).param_groups[0]["lr"], torch.Tensor)  # on the fast path again
+    assert isinstance(graphed.trainer.optimizers[0].param_groups[0]["lr"], torch.Tensor)  # on the fast path again
 
 
 class NaNAtStep3(GAN):
@@ -161,7 +164,7 @@ class NaNAtStep3(GAN):
 def test_fast_path_records_the_first_non_finite_step_on_the_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(NonFiniteGuard, "deferred", lambda self, gan: True)  # as on a GPU: recorded by the update
+    monkeypatch.setattr(NonFiniteGuard, "deferred", lambda self, device: True)  # as on a GPU: recorded by the update
     with pytest.raises(NonFiniteError, match=r"discriminator loss at global step 3 .*stopped at step 4"):
         fit(make_gan(NaNAtStep3, cuda_graph=True), tmp_path, log_every_n_steps=4)
 
@@ -174,10 +177,8 @@ def test_fast_path_refuses_what_a_graph_cannot_hold(tmp_path: Path) -> None:
         fit(rmsprop, tmp_path)
     with pytest.raises(ValueError, match=r"does not support mixed precision.*cuda_graph: false"):
         fit(make_gan(cuda_graph=True), tmp_path, precision="bf16-mixed")
-    gan = make_gan(cuda_graph=True)
-    gan._trainer = SimpleNamespace(world_size=2, precision="32-true")
     with pytest.raises(ValueError, match="runs on one device, but this run has 2 processes"):
-        gan._check_cuda_graph_fits()
+        check_graph_fits(world_size=2, precision="32-true")
 
 
 def test_graphed_updates_run_eagerly_off_cuda() -> None:
@@ -230,7 +231,7 @@ class NeverCaptured(GAN):
     def on_train_start(self) -> None:
         super().on_train_start()
         # not a long warm-up: after a new optimizer constant (the momentum ramp), one eager call precedes a capture
-        self._graphs.capturable = lambda real: False
+        self.graph_runner.graphs.capturable = lambda real: False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -241,10 +242,10 @@ def test_on_a_gpu_the_replayed_graph_makes_the_eager_update(tmp_path: Path, sche
     fit(eager, tmp_path, device="cuda", epochs=3)
     graphed = make_gan(schedule=schedule, k=k, cuda_graph=True, ema_decay=0.9)
     fit(graphed, tmp_path, device="cuda", epochs=3)
-    assert eager._graphs.captures == 0
+    assert eager.graph_runner.graphs.captures == 0
     # Each epoch's momentum is a new constant: one capture per variant and epoch, after each variant's 3 warm-up
     # batches (6 batches an epoch: k=1 has one variant; k=2 has two of 3 batches each, all warm-up in epoch 1).
-    assert graphed._graphs.captures == (3 if k == 1 else 4)
+    assert graphed.graph_runner.graphs.captures == (3 if k == 1 else 4)
     # the same kernels on the same random stream (CUDA graphs advance the generator as the eager kernels do)
     torch.testing.assert_close(flat(graphed), flat(eager), rtol=1e-4, atol=1e-5)
 
@@ -273,7 +274,7 @@ def test_on_a_gpu_the_fast_path_never_waits_for_the_device(tmp_path: Path) -> No
         fit(gan, tmp_path, device="cuda", epochs=3, log_every_n_steps=1000, callbacks=[check])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert check.checked == 3 * BATCHES - 4 and gan._graphs.captures == 1
+    assert check.checked == 3 * BATCHES - 4 and gan.graph_runner.graphs.captures == 1
 
 
 class RecordMatmulPrecision(Callback):

@@ -189,7 +189,7 @@ def test_own_schedulers_step_per_update_and_per_epoch() -> None:
         k=2,
     )
     trainer(max_epochs=2).fit(gan, loader(6))  # 12 discriminator updates, 6 generator updates, 2 epochs
-    d_opt, g_opt = gan._optimizer(0), gan._optimizer(1)
+    d_opt, g_opt = gan.trainer.optimizers[0], gan.trainer.optimizers[1]
     assert d_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
     assert g_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
@@ -211,7 +211,7 @@ def test_a_plateau_scheduler_steps_through_an_overridden_lr_scheduler_step() -> 
     assert len(gan.plateau_metrics) == 3  # once per epoch, after validation
     scheduler = gan.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 3 and scheduler.best in gan.plateau_metrics  # given the metrics
-    assert gan._optimizer(1).param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)  # 6 generator updates
+    assert gan.trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)  # 6 generator updates
 
 
 def test_own_lr_schedulers_beside_the_authors_decay_are_refused_before_training() -> None:

@@ -33,7 +33,7 @@ def evaluation() -> ParzenEvaluation:
 def run_test(mnist_root: Path, devices: int) -> tuple[dict[str, float], dict[str, float]]:
     trainer = quiet_trainer(
         devices=devices,
-        strategy="ddp_fork" if devices > 1 else "auto",
+        strategy="ddp_fork_find_unused_parameters_true" if devices > 1 else "auto",
         callbacks=[evaluation()],
         limit_val_batches=1,
         limit_test_batches=1,

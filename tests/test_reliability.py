@@ -155,7 +155,7 @@ def test_resume_from_the_end_of_epoch_one_is_bitwise_exact(straight_run: dict[st
     trainer, gan, record = fit(tmp_path, ckpt_path=checkpoint)
     assert_identical(training_state(trainer, gan), straight_run["state"])
     assert_identical(record.batches, straight_run["batches"][BATCHES_PER_EPOCH:], "batches")
-    assert gan._optimizer(0).param_groups[0]["momentum"] == pytest.approx(0.7)  # the ramp caught up (epoch 3)
+    assert gan.trainer.optimizers[0].param_groups[0]["momentum"] == pytest.approx(0.7)  # the ramp caught up (epoch 3)
 
 
 def test_resuming_with_another_number_of_processes_warns(straight_run: dict[str, Any], tmp_path: Path) -> None:
@@ -201,7 +201,7 @@ def halving_gan() -> GAN:
 
 def test_resume_catches_up_own_per_epoch_schedulers(tmp_path: Path) -> None:
     straight, gan, _ = fit(tmp_path / "straight", gan=halving_gan())
-    assert gan._optimizer(1).param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    assert gan.trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
     expected = training_state(straight, gan)
     # saved at the end of the epoch's last batch, before the epoch ends and its scheduler steps
     last_batch = ModelCheckpoint(tmp_path / "first", every_n_train_steps=BATCHES_PER_EPOCH, save_top_k=-1)
@@ -309,7 +309,7 @@ def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -
     assert loaded.k == 2 and all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
     trainer, gan, _ = fit(tmp_path / "resumed", epochs=2, ckpt_path=path, gan=partial_sgd())
     assert trainer.global_step == 2 * BATCHES_PER_EPOCH
-    assert gan._optimizer(1).param_groups[0]["lr"] < 0.05  # the user's generator optimizer, decayed
+    assert gan.trainer.optimizers[1].param_groups[0]["lr"] < 0.05  # the user's generator optimizer, decayed
 
     hparams = GANDataModule(data_dir=tmp_path, download=False).hparams
     torch.save(dict(hparams), tmp_path / "hparams.pt")
@@ -451,7 +451,7 @@ def test_stop_names_the_step_and_network_and_keeps_the_last_good_checkpoint(
 
 class StateAtStart(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
-        self.lr = pl_module._optimizer(0).param_groups[0]["lr"]
+        self.lr = pl_module.trainer.optimizers[0].param_groups[0]["lr"]
         self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
@@ -476,7 +476,9 @@ def test_skip_leaves_updates_out_counts_them_and_resumes_the_count(tmp_path: Pat
     assert gan.skipped_updates == 3
     assert trainer.callback_metrics["train/skipped_updates"] == 3  # logged at step 10
     assert trainer.global_step == 2 * BATCHES_PER_EPOCH  # a skipped batch still counts as a training batch
-    assert gan._optimizer(0).param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**8)  # 8 real discriminator updates
+    assert gan.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        0.1 / 1.01**8
+    )  # 8 real discriminator updates
     assert_finite(gan)
     checkpoint = torch.load(tmp_path / "checkpoints" / "epoch=1-step=10.ckpt", weights_only=True)
     assert checkpoint["lightning_gan"]["skipped_updates"] == 3
@@ -506,7 +508,7 @@ def test_non_finite_parameters_are_never_checkpointed_and_stop_training(tmp_path
 def test_the_deferred_check_for_accelerators_still_names_the_first_bad_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(NonFiniteGuard, "deferred", lambda self, gan: True)  # as on a GPU: no host sync per step
+    monkeypatch.setattr(NonFiniteGuard, "deferred", lambda self, device: True)  # as on a GPU: no host sync per step
     with pytest.raises(NonFiniteError, match=r"discriminator loss at global step 3 .*stopped at step 4"):
         fit(tmp_path, gan=nan_gan({"discriminator": {3}}), checkpoint=every_step(tmp_path), log_every_n_steps=50)
     assert saved_steps(tmp_path) == [1, 2, 3]  # the checkpoint of step 4 checked first, and was not written
@@ -545,7 +547,7 @@ def ddp_fit(root: Path, ckpt_path: Path | None = None) -> list[dict[str, Any]]:
     seed_everything(0, verbose=False)
     trainer = quiet_trainer(
         devices=2,
-        strategy="ddp_fork",
+        strategy="ddp_fork_find_unused_parameters_true",
         max_epochs=2,
         limit_val_batches=0,
         plugins=[AtomicCheckpointIO()],
@@ -703,8 +705,8 @@ class RecordStop(Callback):
 def test_a_signal_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     seed_everything(0, verbose=False)
     trainer = quiet_trainer(
-        devices=2, strategy="ddp_fork", max_epochs=3, limit_val_batches=0, default_root_dir=tmp_path,
-        enable_checkpointing=False,
+        devices=2, strategy="ddp_fork_find_unused_parameters_true", max_epochs=3, limit_val_batches=0,
+        default_root_dir=tmp_path, enable_checkpointing=False,
         callbacks=[SignalOnRankZero(), InterruptCheckpoint(sync_every_n_steps=3), RecordStop(tmp_path)],
     )  # fmt: skip
     with time_limit(120):
@@ -737,8 +739,8 @@ def test_a_signal_on_one_ddp_rank_while_validating_stops_every_rank_at_the_same_
     seed_everything(0, verbose=False)
     signal_it = SignalOnRankZeroWhileValidating(when)
     trainer = quiet_trainer(
-        devices=2, strategy="ddp_fork", max_epochs=3, limit_val_batches=2, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, enable_checkpointing=False,
+        devices=2, strategy="ddp_fork_find_unused_parameters_true", max_epochs=3, limit_val_batches=2,
+        num_sanity_val_steps=0, default_root_dir=tmp_path, enable_checkpointing=False,
         callbacks=[signal_it, InterruptCheckpoint(sync_every_n_steps=2), RecordStop(tmp_path)],
     )  # fmt: skip
     with time_limit(120):

@@ -74,7 +74,7 @@ def test_a_stack_trains_as_its_batches_one_by_one(tmp_path: Path, options: dict[
     stacked_trainer = fit(stacked, stack, tmp_path / "stacked", callbacks=[LearningRateMonitor("step")])
     assert stacked_trainer.global_step == single_trainer.global_step == 2 * BATCHES
     assert stacked.generator_updates == single.generator_updates == 2 * BATCHES // options.get("k", 1)
-    assert (stacked._graphs is not None) == options.get("cuda_graph", False)
+    assert (stacked.graph_runner is not None) == options.get("cuda_graph", False)
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     # the same steps logged, with the same values, at the same x-axis positions
@@ -254,6 +254,6 @@ def test_on_a_gpu_stacks_replay_the_captured_update_without_waiting(tmp_path: Pa
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.global_step == 3 * BATCHES and check.checked == 3 * BATCHES // 3 - 2
-    assert stacked._graphs.captures == single._graphs.captures == 1
+    assert stacked.graph_runner.graphs.captures == single.graph_runner.graphs.captures == 1
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(stacked.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
