@@ -1,0 +1,103 @@
+"""Each Lightning (and torch) internal that lightning_gan/_lightning.py uses still behaves as it was written against:
+a failure here names the function to update for a new release."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import quiet_trainer
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_gan import _lightning
+
+
+@contextlib.contextmanager
+def internal(name: str) -> Iterator[None]:
+    """Turn an error from a changed internal into a failure naming the function of ``_lightning`` to update."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, ImportError) as err:
+        pytest.fail(f"A Lightning or torch internal changed: update `lightning_gan._lightning.{name}` ({err!r}).")
+
+
+class CountsByHand(LightningModule):
+    """Manual optimization that counts its steps without stepping, and records what the internals say."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[int, bool, int]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        trainer = _lightning.attached_trainer(self)
+        self.seen.append(
+            (trainer.global_step, _lightning.should_update_logs(trainer), _lightning.logged_steps(trainer))
+        )
+        _lightning.count_optimizer_step(trainer)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.zeros(4, 1), batch_size=1)
+
+
+def test_step_counting_logging_and_the_trainer_reference() -> None:
+    module = CountsByHand()
+    with internal("attached_trainer"):
+        assert _lightning.attached_trainer(module) is None
+    trainer = quiet_trainer(max_epochs=1, log_every_n_steps=2, enable_checkpointing=False)
+    with internal("count_optimizer_step / should_update_logs / logged_steps"):
+        trainer.fit(module)
+    assert trainer.global_step == 4, "count_optimizer_step no longer advances global_step"
+    assert [step for step, _, _ in module.seen] == [0, 1, 2, 3]
+    assert [log for _, log, _ in module.seen] == [False, True, False, True], "should_update_logs changed"
+    assert [logged for _, _, logged in module.seen] == [0, 1, 2, 3], "logged_steps changed"
+    with internal("set_logged_steps"):
+        _lightning.set_logged_steps(trainer, 7)
+        assert _lightning.logged_steps(trainer) == 7
+
+
+def test_checkpoint_cadence() -> None:
+    with internal("checkpoint_cadence"):
+        assert _lightning.checkpoint_cadence(ModelCheckpoint(every_n_train_steps=3)) == (3, 0, None)
+        assert _lightning.checkpoint_cadence(ModelCheckpoint(every_n_epochs=2)) == (0, 2, None)
+
+
+def test_the_sigterm_flag_and_the_handler_before_lightning() -> None:
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with internal("sigterm_flag / set_sigterm_flag / sigterm_handler_before_lightning"):
+        assert not _lightning.sigterm_flag(trainer)
+        _lightning.set_sigterm_flag(trainer, True)
+        assert _lightning.sigterm_flag(trainer) and trainer.received_sigterm
+        assert _lightning.sigterm_handler_before_lightning(trainer) is None  # none registered yet
+        trainer._signal_connector._original_handlers[signal.SIGTERM] = print
+        assert _lightning.sigterm_handler_before_lightning(trainer) is print
+
+
+def test_instantiated_by_cli() -> None:
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    with internal("instantiated_by_cli"):
+        assert not _lightning.instantiated_by_cli()
+        with _given_hyperparameters_context(hparams={"k": 1}, instantiator="lightning.pytorch.cli.instantiate_module"):
+            assert _lightning.instantiated_by_cli()
+
+
+def test_foreach_move_towards_rounds_as_the_per_tensor_operations() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    targets = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    weight = torch.tensor(0.3)
+    expected = [tensor + (target - tensor) * weight for tensor, target in zip(tensors, targets, strict=True)]
+    with internal("foreach_move_towards"):
+        _lightning.foreach_move_towards(tensors, targets, weight)
+    for tensor, want in zip(tensors, expected, strict=True):
+        torch.testing.assert_close(tensor, want, rtol=0, atol=0)
