@@ -85,8 +85,10 @@ def update_left_out(gan: GAN) -> Iterator[None]:
             stats[real.device] = torch.zeros(4, device=real.device)
         return stats[real.device]
 
-    gan._graphed_update = no_update
     with (
+        mock.patch.object(
+            CudaGraphRunner, "body", lambda runner, real, generator_step: no_update(real, generator_step)
+        ),
         mock.patch.object(GraphedUpdates, "capturable", staticmethod(lambda real: False)),
         mock.patch.object(CudaGraphRunner, "requires_cuda", False),
         warnings.catch_warnings(),

@@ -43,11 +43,11 @@ class KernelProfile(Callback):
         cuda = gan.device.type == "cuda"
         real = trainer.datamodule.splits.train.images[: trainer.datamodule.batch_size].to(gan.device)
         for _ in range(5):
-            gan._graphed_update(real, True)
+            gan.graph_runner.body(real, True)
         sync(gan.device)
         with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
             for _ in range(PROFILED):
-                gan._graphed_update(real, True)
+                gan.graph_runner.body(real, True)
             sync(gan.device)
         # the GPU's user annotations (``Optimizer.step#SGD.step``) are device events too, but no kernels
         kernels = [
@@ -58,7 +58,7 @@ class KernelProfile(Callback):
         print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25))
         start = time.perf_counter()
         for _ in range(200):
-            gan._graphed_update(real, True)
+            gan.graph_runner.body(real, True)
         sync(gan.device)
         print(f"  eager update alone {200 / (time.perf_counter() - start):.1f} steps/s", flush=True)
 

@@ -23,8 +23,11 @@ from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_gan.guards import NonFiniteGuard
 
 GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _FLAGS = ("lr", "fused", "foreach", "capturable")
@@ -178,27 +181,70 @@ def check_graph_fits(world_size: int, precision: Any) -> None:
 
 class CudaGraphRunner:
     """The fast path's state for one fit: the optimizers switched to their graph-safe settings (the user's kept for
-    checkpoints), the step counted on the device (for the non-finite record), and the graphs of ``update``.
+    checkpoints), the step counted on the device (for the non-finite record), and the graphs of the update.
 
-    ``update(real, generator_step)`` is the module's update body: it returns the step's statistics tensor.
+    ``update(real, generator_step, backward, allows, step)`` is the module's update body; it returns
+    ``(d_loss, g_loss or None, real_logits, fake_logits)``.
     """
 
     #: Off only in tests: the fast path's bookkeeping then runs on the CPU, with its update made eagerly.
     requires_cuda: ClassVar[bool] = True
 
     def __init__(
-        self, update: Callable[[Tensor, bool], Tensor], optimizers: list[Optimizer], device: torch.device, step: int
-    ) -> None:
-        self.optimizers = optimizers
+        self, update: Callable[..., Any], optimizers: list[Optimizer], guard: NonFiniteGuard, device: torch.device,
+        step: int,
+    ) -> None:  # fmt: skip
+        self.update, self.optimizers, self.guard = update, optimizers, guard
         self.user_settings = [make_graph_safe(optimizer, device) for optimizer in optimizers]
-        # made before any capture, so that the graphs update it in place
+        # made before any capture, so that the graphs update them in place
         self.step = torch.full((), step, dtype=torch.long, device=device)
-        self.graphs = GraphedUpdates(update)
+        guard.first_bad(device)
+        self.graphs = GraphedUpdates(self.body)
 
-    def __call__(self, real: Tensor, generator_step: bool, constants: tuple[Any, ...] | None = None) -> Tensor:
-        """Replay (or capture) the update of ``real``; ``constants``: :func:`graph_constants` of the optimizers, read
-        now if not given."""
-        return self.graphs(real, generator_step, graph_constants(self.optimizers) if constants is None else constants)
+    @classmethod
+    def start(
+        cls, update: Callable[..., Any], optimizers: list[Optimizer], guard: NonFiniteGuard, device: torch.device,
+        step: int,
+    ) -> CudaGraphRunner | None:  # fmt: skip
+        """The runner for a fit on ``device`` from global step ``step``; ``None``, saying so, off CUDA."""
+        if device.type != "cuda" and cls.requires_cuda:
+            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {device.type} runs eagerly.")
+            return None
+        return cls(update, optimizers, guard, device, step)
+
+    def body(self, real: Tensor, generator_step: bool) -> Tensor:
+        """The graph's body: the update with nothing read back to the host. Returns ``[d_loss, g_loss (NaN without a
+        generator step), D(x), D(G(z))]``."""
+        record = self.guard.deferred(real.device)
+
+        def allows(d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
+            if record:  # the non-finite check, kept on the device
+                self.guard.record(self.step, d_loss, g_loss)
+            return True
+
+        d_loss, g_loss, real_logits, fake_logits = self.update(real, generator_step, Tensor.backward, allows, _step)
+        self.step.add_(1)
+        g_loss = torch.full_like(d_loss, float("nan")) if g_loss is None else g_loss
+        return torch.stack(
+            [d_loss, g_loss, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()]
+        ).detach()
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far."""
+        return self.graphs.captures
+
+    def __call__(
+        self, real: Tensor, generator_step: bool, constants: tuple[Any, ...] | None, step: int, epoch: int, copy: bool
+    ) -> Tensor:
+        """Replay (or capture) the update of ``real`` at global ``step`` and ``epoch``; its statistics, a ``copy`` or
+        the graph's own (overwritten by the next replay). ``constants``: :func:`graph_constants` of the optimizers,
+        read now if ``None``."""
+        constants = graph_constants(self.optimizers) if constants is None else constants
+        stats = self.graphs(real, generator_step, constants)
+        if not self.guard.deferred(real.device):  # else the update itself recorded it
+            self.guard.allows(step, epoch, stats[0], stats[1] if generator_step else None)
+        return stats.clone() if copy else stats
 
     def checkpoint_as_eager(self, checkpoint: dict[str, Any]) -> None:
         """Write ``checkpoint`` as an eager run writes it: the user's optimizer settings, float learning rates."""
@@ -207,3 +253,8 @@ class CudaGraphRunner:
         for scheduler in checkpoint.get("lr_schedulers", []):
             if "_last_lr" in scheduler:
                 scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
+
+
+def _step(optimizer: Any) -> None:
+    """The optimizer's own step, not Lightning's, whose hooks run on the host."""
+    optimizer.optimizer.step()

@@ -28,8 +28,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -38,16 +37,13 @@ from lightning_gan._lightning import (
     attached_trainer,
     count_optimizer_step,
     instantiated_by_cli,
-    logged_steps,
-    set_logged_steps,
     should_update_logs,
 )
 from lightning_gan.averaging import GeneratorAverage, check_decay, fit_average_to
-from lightning_gan.distributed import all_gather_object
 from lightning_gan.graphed import CudaGraphRunner, check_graph_fits, check_graph_safe, graph_constants
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.nets import eval_forward
-from lightning_gan.resume import restore_rng_states, rng_state
+from lightning_gan.resume import restore_resume_state, resume_state, save_resume_state
 from lightning_gan.sampling import seeded_noise
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 from lightning_gan.stacking import StackedSteps, stack_size
@@ -55,96 +51,79 @@ from lightning_gan.stepping import SchedulerStepper
 
 Schedule = Literal["alternating", "simultaneous"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
-Backward = Callable[..., None]
+Backward = Callable[..., None]  # manual_backward or Tensor.backward
+Allows = Callable[[Tensor | None, Tensor | None], bool]  # whether the update from (d_loss, g_loss) is applied
+Step = Callable[[LightningOptimizer], None]  # steps an optimizer
+Losses = tuple[Tensor, Tensor | None, Tensor, Tensor]  # d_loss, g_loss, real_logits, fake_logits
+BATCH_ERROR = (
+    "GAN.real_images takes the images from a batch that is a tensor or an (images, labels) sequence, but got {}: "
+    "override `real_images(self, batch)` in a subclass to return yours."
+)
+CODE = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]  # not hyperparameters
 
 
 class GAN(LightningModule):
     """Generative adversarial nets trained by the paper's Algorithm 1, or by the authors' simultaneous update.
 
     Args:
-        generator: module with attribute ``noise_dim``, method ``sample_noise(n, device)`` and ``generator(z)``
-            returning images ``(n, C, H, W)`` in data space.
-        discriminator: module mapping images ``(n, C, H, W)`` to logits ``(n,)``.
+        generator: a module with ``noise_dim``, ``sample_noise(n, device)`` and ``forward(z)``: images ``(n, C, H, W)``.
+        discriminator: a module mapping images ``(n, C, H, W)`` to logits ``(n,)``.
         k: discriminator updates per generator update (``alternating`` only).
-        schedule: ``"alternating"``: each step updates the discriminator on fresh data and noise, and after every
-            ``k``-th the generator on fresh noise (Algorithm 1). ``"simultaneous"``: one noise draw and minibatch
-            update both networks from the same discriminator (the authors' MNIST code; ``k`` must be 1).
+        schedule: ``"alternating"`` (Algorithm 1) or ``"simultaneous"`` (the authors' MNIST code: one minibatch
+            and one noise draw update both networks; ``k`` must be 1).
         generator_loss: ``"non_saturating"`` descends ``-log D(G(z))``; ``"minimax"`` descends ``log(1 - D(G(z)))``.
-        generator_optimizer: optimizer factory for the generator; ``None`` is the paper's SGD (lr .1, momentum .5).
-        discriminator_optimizer: optimizer factory for the discriminator; ``None`` as above.
+        generator_optimizer: the generator's optimizer factory; ``None``: the paper's SGD (lr .1, momentum .5).
+        discriminator_optimizer: the discriminator's optimizer factory; ``None`` as above.
         lr_decay: divide each learning rate by this after every update of its network (1 switches it off).
         min_lr: floor of the decayed learning rate.
-        momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off), from the
-            (1-based) epoch ``momentum_start_epoch`` to ``momentum_saturate_epoch``.
-        nonfinite: on a NaN or infinite loss, ``"stop"`` raises :class:`~lightning_gan.guards.NonFiniteError` before
-            the update is applied or checkpointed (deferred on an accelerator; see :mod:`lightning_gan.guards`);
+        momentum_final: ramp each optimizer's momentum linearly to this value (``None`` switches it off).
+        momentum_start_epoch: the (1-based) epoch where the ramp starts.
+        momentum_saturate_epoch: the (1-based) epoch where the momentum reaches ``momentum_final``.
+        nonfinite: on a NaN or infinite loss, ``"stop"`` raises :class:`~lightning_gan.guards.NonFiniteError`;
             ``"skip"`` leaves the update out and counts it in :attr:`skipped_updates`.
-        cuda_graph: on a CUDA device, capture each step's update as a CUDA graph and replay it (see
-            :mod:`lightning_gan.graphed` for what it needs, checked when fitting starts); elsewhere, run eagerly.
-        ema_decay: keep an exponential moving average of the generator's weights, :attr:`generator_ema`, and sample
-            from it (see :mod:`lightning_gan.averaging`; not in the paper); needs 32- or 64-bit weights.
+        cuda_graph: on a CUDA device, replay each step's update as a CUDA graph (:mod:`lightning_gan.graphed`).
+        ema_decay: sample from a moving average of the generator's weights (:mod:`lightning_gan.averaging`).
 
     Raises:
-        ValueError: for ``k < 1``, an unknown schedule, loss or ``nonfinite``, ``"simultaneous"`` with ``k > 1``,
-            ``lr_decay < 1``, ``cuda_graph`` with ``nonfinite="skip"``, or ``ema_decay`` outside ``(0, 1)``.
+        ValueError: for a value outside its range (``k < 1``, ``lr_decay < 1``, ...) or a combination excluded above.
         TypeError: if ``generator`` lacks ``noise_dim`` or ``sample_noise``.
     """
 
     def __init__(
-        self,
-        generator: nn.Module,
-        discriminator: nn.Module,
-        k: int = 1,
-        schedule: Schedule = "alternating",
-        generator_loss: GeneratorLoss = "non_saturating",
-        generator_optimizer: OptimizerCallable | None = None,
-        discriminator_optimizer: OptimizerCallable | None = None,
-        lr_decay: float = 1.000004,
-        min_lr: float = 1e-6,
-        momentum_final: float | None = 0.7,
-        momentum_start_epoch: int = 1,
-        momentum_saturate_epoch: int = 250,
-        nonfinite: NonFinite = "stop",
-        cuda_graph: bool = False,
-        ema_decay: float | None = None,
-    ) -> None:
+        self, generator: nn.Module, discriminator: nn.Module, k: int = 1, schedule: Schedule = "alternating",
+        generator_loss: GeneratorLoss = "non_saturating", generator_optimizer: OptimizerCallable | None = None,
+        discriminator_optimizer: OptimizerCallable | None = None, lr_decay: float = 1.000004, min_lr: float = 1e-6,
+        momentum_final: float | None = 0.7, momentum_start_epoch: int = 1, momentum_saturate_epoch: int = 250,
+        nonfinite: NonFinite = "stop", cuda_graph: bool = False, ema_decay: float | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         check_arguments(generator, k, schedule, generator_loss, lr_decay, nonfinite, cuda_graph, ema_decay)
-        # From LightningCLI the hyperparameters are the parsed config, networks included, so that `lightning-gan test
-        # --ckpt_path` and `GAN.load_from_checkpoint(path)` rebuild the networks. From Python, the networks (in the
-        # checkpoint as weights) and optimizer factories (code, which `torch.load(weights_only=True)` refuses) are
-        # left out: pass them again when loading.
-        code = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]
-        self.save_hyperparameters(ignore=[] if instantiated_by_cli() else code)
+        self.save_hyperparameters(ignore=[] if instantiated_by_cli() else CODE)  # see docs/architecture.md
         self.automatic_optimization = False
         self.generator, self.discriminator = generator, discriminator
-        self.k, self.schedule, self.generator_loss = k, schedule, generator_loss
+        self.k, self.schedule, self.generator_loss, self.nonfinite = k, schedule, generator_loss, nonfinite
         self.generator_optimizer = generator_optimizer or paper_sgd
         self.discriminator_optimizer = discriminator_optimizer or paper_sgd
-        self.lr_decay, self.min_lr = lr_decay, min_lr
-        self.momentum_final = momentum_final
+        self.lr_decay, self.min_lr, self.momentum_final = lr_decay, min_lr, momentum_final
         self.momentum_start_epoch, self.momentum_saturate_epoch = momentum_start_epoch, momentum_saturate_epoch
-        self.nonfinite, self.cuda_graph, self.ema_decay = nonfinite, cuda_graph, ema_decay
+        self.cuda_graph, self.ema_decay = cuda_graph, ema_decay
         self.average = GeneratorAverage(generator, ema_decay) if ema_decay is not None else None
         self.generator_ema = self.average.module if self.average is not None else None
         self._guard = NonFiniteGuard(nonfinite, discriminator, generator)
-        self.graph_runner: CudaGraphRunner | None = None  # the fast path's state, while it trains
-        self._stepper: SchedulerStepper | None = None  # while it trains
+        self.graph_runner: CudaGraphRunner | None = None  # while the fast path trains
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
         self._loader_stacks = False  # whether the training loader stacks batches (set when training starts)
-        # Neither trained nor loaded: a fit sets the output bias from the data only then; evaluating warns.
-        self._fresh_weights = True
+        self._fresh_weights = True  # neither trained nor loaded: a fit sets the output bias from the data
+        self._one_pass = True  # whether the simultaneous update is the authors' one-pass graph: on one device
         self.register_load_state_dict_post_hook(_mark_weights_loaded)
 
-    # ------------------------------------------------------------------ the game (override to change it)
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         """The negated value function: ``0.5 * (BCE(D(x), 1) + BCE(D(G(z)), 0))`` from logits, batch mean."""
         return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
 
     def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
-        """A term added to the discriminator's loss at each of its updates, from that update's real and generated
-        images (``fake`` carries no gradient to the generator), e.g. a gradient penalty; ``None`` (the default):
-        no term."""
+        """A term added to the discriminator's loss at each of its updates, e.g. a gradient penalty (``fake`` carries
+        no gradient); ``None``: none."""
         return None
 
     def generator_loss_fn(self, fake_logits: Tensor) -> Tensor:
@@ -154,49 +133,31 @@ class GAN(LightningModule):
         return -F.softplus(fake_logits).mean()
 
     def real_images(self, batch: Any) -> Tensor:
-        """The images of a training, validation or test batch: the batch itself, or the first item of an
-        ``(images, labels)`` sequence. Override to read another kind of batch (e.g. a dict)."""
+        """A batch's images: the batch, or its first item (``(images, labels)``); override for other batches."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not isinstance(images, Tensor):
-            raise TypeError(
-                f"GAN.real_images takes the images from a batch that is a tensor or an (images, labels) sequence, "
-                f"but got {type(batch).__name__}: override `real_images(self, batch)` in a subclass to return yours."
-            )
+            raise TypeError(BATCH_ERROR.format(type(batch).__name__))
         return images
 
     def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
-        """Discriminator and generator optimizers, then their per-update decays and per-epoch momentum ramps.
-
-        An override returns the discriminator's optimizer first, then the generator's (checked when training
-        starts); schedulers besides the authors' are stepped as Lightning's automatic optimization would (see
-        :mod:`lightning_gan.stepping`)."""
+        """Discriminator and generator optimizers (an override returns them in this order), then their per-update
+        decays and per-epoch momentum ramps; other schedulers are stepped as in :mod:`lightning_gan.stepping`."""
+        nets = ("discriminator", "generator")
         optimizers = [
-            make_optimizer("discriminator", self.discriminator_optimizer, self.discriminator),
-            make_optimizer("generator", self.generator_optimizer, self.generator),
+            make_optimizer(n, getattr(self, f"{n}_optimizer"), getattr(self, n), self.cuda_graph) for n in nets
         ]
-        if self.cuda_graph:  # checked on every device, so that a config tried on a CPU also runs on a GPU
-            check_graph_safe(optimizers[0], "discriminator")
-            check_graph_safe(optimizers[1], "generator")
         schedulers = [ExponentialDecay(opt, self.lr_decay, self.min_lr) for opt in optimizers if self.lr_decay != 1]
         if self.momentum_final is not None:
             ramp = (self.momentum_final, self.momentum_start_epoch, self.momentum_saturate_epoch)
             schedulers += [MomentumRamp(opt, *ramp) for opt in optimizers]
         return optimizers, schedulers
 
-    # ------------------------------------------------------------------ training: Algorithm 1
-    @property
-    def generator_updates(self) -> int:
-        """Generator updates made so far (``global_step`` counts discriminator updates)."""
-        return self.global_step // self.k
-
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """One training step on the batch's images ``(B, C, H, W)``, or one per minibatch, in order, of a stack of
-        them ``(S, B, C, H, W)`` (``GANDataModule(steps_per_batch=S)``)."""
+        """One step on the images ``(B, C, H, W)``, or one per minibatch of a stack ``(S, B, C, H, W)``, in order."""
         real = self.real_images(batch)
         steps = (real,) if self._steps_in(real) == 1 else real.unbind(0)  # counted by StackedSteps before the batch
         log = should_update_logs(self.trainer)  # for the batch's last step
-        # the optimizers' CUDA-graph constants, read once per batch unless a scheduler may change one at any step
-        runner = self.graph_runner
+        runner = self.graph_runner  # its constants read once per batch, unless a scheduler may change one any step
         constants = graph_constants(runner.optimizers) if runner and self._stepper.only_decays else None
         for index, minibatch in enumerate(steps):
             self._training_step(minibatch, log and index == len(steps) - 1, constants)
@@ -206,221 +167,145 @@ class GAN(LightningModule):
         generator_step = self.schedule == "simultaneous" or (step + 1) % self.k == 0  # after every k-th D update
         if generator_step and self.average is not None:
             self.average.set_step((step + 1) // self.k)
-        if self.graph_runner is not None:
-            stats = self.graph_runner(real, generator_step, constants)
-            if not self._guard.deferred(real.device):  # else the update itself recorded it
-                self._guard.allows(step, self.current_epoch, stats[0], stats[1] if generator_step else None)
-            d_loss, g_loss, d_real, d_fake = stats.clone() if log else stats  # the next replay overwrites stats
-            for index in (0, 1) if generator_step else (0,):
-                self._after_update(index, step)
-        else:
+        if self.graph_runner is None:
             allows = partial(self._guard.allows, step, self.current_epoch)
             d_loss, g_loss, real_logits, fake_logits = self._update(
                 real, generator_step, self.manual_backward, allows, partial(self._lightning_step, step)
             )
+        else:
+            update = (real, generator_step, constants, step, self.current_epoch, log)
+            d_loss, g_loss, d_real, d_fake = self.graph_runner(*update)
+            self._stepper.after_step(step, self.k, generator=generator_step)
         count_optimizer_step(self.trainer)
         if generator_step:
             self._last_g_loss = g_loss.detach()
-        if log:
-            if self.graph_runner is None:
-                d_real, d_fake = _mean_outputs(real_logits.detach(), fake_logits.detach())
-            self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
+        if log:  # the graph's means come with its statistics
+            means = (d_real, d_fake) if self.graph_runner else _mean_outputs(real_logits.detach(), fake_logits.detach())
+            self._log_step("train", d_loss, self._last_g_loss, *means)
 
-    def _update(
-        self,
-        real: Tensor,
-        generator_step: bool,
-        backward: Backward,
-        allows: Callable[[Tensor | None, Tensor | None], bool],
-        optimizer_step: Callable[[LightningOptimizer], None],
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """One update on ``real``, eager or inside a CUDA graph: gradients through ``backward``, applied where
-        ``allows(d_loss, g_loss)``, each network stepped by ``optimizer_step``. Returns the losses (``g_loss`` is
-        ``None`` without a generator update) and the logits of the real and the generated batch."""
+    def _update(self, real: Tensor, generator_step: bool, backward: Backward, allows: Allows, step: Step) -> Losses:
+        """One update on ``real``, eager or in a CUDA graph: gradients by ``backward``, applied where ``allows(d_loss,
+        g_loss)``, by ``step``. Returns the losses (``g_loss``: ``None`` without a generator update) and the logits.
+        Simultaneous: on one device the authors' graph (one pass of D on the fakes feeds both objectives); under DDP,
+        which needs one backward pass, a second pass of D, frozen, for the generator: the same expected gradient."""
         d_opt, g_opt = self.optimizers()
+        noise = self.generator.sample_noise(real.shape[0], self.device)
         if self.schedule == "simultaneous":
-            d_loss, g_loss, real_logits, fake_logits = self._simultaneous_losses(real, g_opt)
+            fake = self.generator(noise)
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake if self._one_pass else fake.detach())
+            d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
+            with self.toggled_optimizer(g_opt):
+                g_loss = self.generator_loss_fn(fake_logits if self._one_pass else self.discriminator(fake))
             d_opt.zero_grad(set_to_none=True)
             g_opt.zero_grad(set_to_none=True)
-            self._simultaneous_backward(d_loss, g_loss, backward)
-            self._step_networks(
-                allows(d_loss, g_loss), optimizer_step, (d_opt, self.discriminator), (g_opt, self.generator)
-            )
+            if self._one_pass:  # each network's gradient from its own objective
+                backward(d_loss, inputs=[p for p in self.discriminator.parameters() if p.requires_grad],
+                         retain_graph=True)  # fmt: skip
+                backward(g_loss, inputs=[p for p in self.generator.parameters() if p.requires_grad])
+            else:
+                backward(d_loss + g_loss)
+            self._step(allows(d_loss, g_loss), step, (d_opt, self.discriminator), (g_opt, self.generator))
             return d_loss, g_loss, real_logits, fake_logits
         with torch.no_grad():
-            fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
+            fake = self.generator(noise)
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
         d_opt.zero_grad(set_to_none=True)
         backward(d_loss)
-        self._step_networks(allows(d_loss, None), optimizer_step, (d_opt, self.discriminator))
+        self._step(allows(d_loss, None), step, (d_opt, self.discriminator))
         g_loss = None
         if generator_step:
             with self.toggled_optimizer(g_opt):  # the discriminator's parameters get no gradient
-                g_loss = self.generator_loss_fn(self.discriminator(self.generator(self.generator.sample_noise(
-                    real.shape[0], self.device))))  # fmt: skip
+                noise = self.generator.sample_noise(real.shape[0], self.device)
+                g_loss = self.generator_loss_fn(self.discriminator(self.generator(noise)))
             g_opt.zero_grad(set_to_none=True)
             backward(g_loss)
-            self._step_networks(allows(None, g_loss), optimizer_step, (g_opt, self.generator))
+            self._step(allows(None, g_loss), step, (g_opt, self.generator))
         return d_loss, g_loss, real_logits, fake_logits
 
-    def _step_networks(
-        self, allowed: bool, optimizer_step: Callable[[LightningOptimizer], None], *updates: Any
-    ) -> None:
-        """Step each ``(optimizer, network)`` of ``updates``, then its constraints and the weight average, or, when
-        not ``allowed``, drop its gradients."""
+    def _step(self, allowed: bool, step: Step, *updates: tuple[LightningOptimizer, nn.Module]) -> None:
+        """Step each ``(optimizer, network)``, then its constraints and the weight average; or drop its gradients."""
         for optimizer, network in updates:
             if not allowed:
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer_step(optimizer)
-            constrain = getattr(network, "apply_constraints", None)
-            if callable(constrain):
-                constrain()
+            step(optimizer)
+            getattr(network, "apply_constraints", _no_closure)()
             if network is self.generator and self.average is not None:
                 self.average.update(self.generator)
 
     def _lightning_step(self, step: int, optimizer: LightningOptimizer) -> None:
-        """The eager step of ``optimizer`` at training step ``step``: through Lightning's strategy (precision, hooks,
-        clipping; ``global_step`` is counted by :meth:`_training_step`), then its per-update schedulers."""
+        """An eager step through Lightning's strategy (precision, hooks, clipping), then its schedulers."""
         with self.trainer.profiler.profile("optimizer_step"):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
-        self._after_update(0 if optimizer.optimizer is self.trainer.optimizers[0] else 1, step)
-
-    def _after_update(self, index: int, step: int) -> None:
-        """Step optimizer ``index``'s per-update schedulers after its update at training step ``step``."""
-        self._stepper.after_update(index, step + 1 if index == 0 else (step + 1) // self.k)
-
-    def _graphed_update(self, real: Tensor, generator_step: bool) -> Tensor:
-        """The body of the CUDA graph: :meth:`_update` with nothing read back to the host. Returns
-        ``[d_loss, g_loss (NaN without a generator step), D(x), D(G(z))]``."""
-        deferred, runner = self._guard.deferred(real.device), self.graph_runner
-        allows = partial(_record, self._guard, runner.step) if deferred else lambda d_loss, g_loss: True
-        d_loss, g_loss, real_logits, fake_logits = self._update(
-            real, generator_step, Tensor.backward, allows, lambda optimizer: optimizer.optimizer.step()
-        )
-        runner.step.add_(1)
-        g_loss = torch.full_like(d_loss, float("nan")) if g_loss is None else g_loss
-        return torch.stack([d_loss, g_loss, *_mean_outputs(real_logits, fake_logits)]).detach()
-
-    @property
-    def _one_pass(self) -> bool:
-        """Whether the simultaneous update is the authors' one-pass graph: on a single device."""
-        trainer = attached_trainer(self)
-        return trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
-
-    def _simultaneous_losses(self, real: Tensor, g_opt: LightningOptimizer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Both objectives from one noise draw and the same discriminator parameters.
-
-        On one device, the authors' graph exactly: one discriminator pass on the fake batch (one dropout mask) feeds
-        both objectives, and :meth:`_simultaneous_backward` takes each network's gradient from its own objective.
-        Under DDP, which needs one backward pass per step, the generator's pass through D is a second forward with D's
-        parameters frozen (its own dropout mask): the same expected gradient, and one backward gives each network
-        exactly its own."""
-        fake = self.generator(self.generator.sample_noise(real.shape[0], self.device))
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake if self._one_pass else fake.detach())
-        d_loss = self._with_penalty(self.discriminator_loss(real_logits, fake_logits), real, fake)
-        if self._one_pass:
-            return d_loss, self.generator_loss_fn(fake_logits), real_logits, fake_logits
-        with self.toggled_optimizer(g_opt):
-            g_loss = self.generator_loss_fn(self.discriminator(fake))
-        return d_loss, g_loss, real_logits, fake_logits
-
-    def _simultaneous_backward(self, d_loss: Tensor, g_loss: Tensor, backward: Backward) -> None:
-        """Each network's gradient from its own objective, through ``backward`` (``manual_backward`` or a tensor's)."""
-        if self._one_pass:
-            backward(d_loss, inputs=[p for p in self.discriminator.parameters() if p.requires_grad], retain_graph=True)
-            backward(g_loss, inputs=[p for p in self.generator.parameters() if p.requires_grad])
-        else:
-            backward(d_loss + g_loss)
+        generator = optimizer.optimizer is self.trainer.optimizers[1]
+        self._stepper.after_step(step, self.k, discriminator=not generator, generator=generator)
 
     def _with_penalty(self, d_loss: Tensor, real: Tensor, fake: Tensor) -> Tensor:
         penalty = self.discriminator_penalty(real, fake.detach())
         return d_loss if penalty is None else d_loss + penalty
 
-    def _steps_in(self, batch: Any) -> int:
-        """The training steps in a training batch (see :func:`lightning_gan.stacking.stack_size`)."""
+    def _steps_in(self, batch: Any) -> int:  # see lightning_gan.stacking.stack_size
         real = batch if isinstance(batch, Tensor) else self.real_images(batch)
         return stack_size(real, getattr(self.discriminator, "in_shape", None), self._loader_stacks)
+
+    @property
+    def generator_updates(self) -> int:
+        """Generator updates made so far (``global_step`` counts discriminator updates)."""
+        return self.global_step // self.k
 
     @property
     def skipped_updates(self) -> int:
         """Updates left out for a non-finite loss (``nonfinite="skip"``); checkpointed."""
         return self._guard.skipped
 
-    # ------------------------------------------------------------------ sampling
     @property
     def sampling_generator(self) -> nn.Module:
-        """The generator that :meth:`sample`, the figure callbacks and the Parzen evaluation draw from: the weight
-        average :attr:`generator_ema` when ``ema_decay`` is set, else :attr:`generator`."""
+        """What :meth:`sample`, the figures and the evaluations draw from: :attr:`generator_ema`, else the generator."""
         return self.generator_ema if self.generator_ema is not None else self.generator
 
     def sample(self, n: int) -> Tensor:
-        """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator` (the generator, or its weight average),
-        in eval mode, on the module's device."""
-        generator = self.sampling_generator
-        return eval_forward(generator, generator.sample_noise(n, self.device))
+        """Draw ``n`` images ``(n, C, H, W)`` from :attr:`sampling_generator`, in eval mode, on the module's device."""
+        return eval_forward(self.sampling_generator, self.sampling_generator.sample_noise(n, self.device))
 
-    # ------------------------------------------------------------------ evaluation and logging
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, "test")
-
-    def _evaluation_step(self, batch: Any, batch_idx: int, prefix: str) -> None:
+        prefix = "test" if self.trainer.testing else "val"
         real = self.real_images(batch)
         fake = self.generator(self._evaluation_noise(real.shape[0], batch_idx))
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
         d_loss = self.discriminator_loss(real_logits, fake_logits)
         self._log_step(prefix, d_loss, self.generator_loss_fn(fake_logits), *_mean_outputs(real_logits, fake_logits))
 
+    test_step = validation_step
+
     def _evaluation_noise(self, n: int, batch_idx: int) -> Tensor:
         """Seeded by the batch index and the rank: reproducible, each rank its own, training's stream untouched."""
         return seeded_noise(self.generator, n, batch_idx * self.trainer.world_size + self.global_rank, self.device)
 
     def _log_step(self, prefix: str, d_loss: Tensor, g_loss: Tensor | None, d_real: Tensor, d_fake: Tensor) -> None:
-        """Log the losses and the discriminator's mean outputs (in training, ``g_loss`` is the latest generator
-        update's). Training metrics are logged only on the steps whose values reach the loggers (all they would see):
-        each ``self.log`` costs Lightning about a millisecond of host time, more than a whole MNIST update on a GPU."""
-        on_step = prefix == "train"
-        metrics = {f"{prefix}/d_loss": d_loss.detach(), f"{prefix}/d_real": d_real, f"{prefix}/d_fake": d_fake}
-        if g_loss is not None:
-            metrics[f"{prefix}/g_loss"] = g_loss.detach()
+        """Log the losses and the discriminator's mean outputs. In training, only on the steps whose values reach the
+        loggers: each ``self.log`` costs about a millisecond of host time, more than an MNIST update on a GPU."""
+        on_step, values = prefix == "train", {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
+        metrics = {f"{prefix}/{name}": value.detach() for name, value in values.items() if value is not None}
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=False)
-        if not on_step:
-            return
-        if self.nonfinite == "skip":  # "skip" reads its flag back every update anyway (see guards.py)
-            self.log("train/skipped_updates", float(self.skipped_updates), on_step=True, on_epoch=False)
-        groups = {tag: optimizer.param_groups[0] for tag, optimizer in zip("dg", self.trainer.optimizers, strict=True)}
-        rates = {f"train/lr_{tag}": group["lr"] for tag, group in groups.items()}
-        momenta = {f"train/momentum_{tag}": group["momentum"] for tag, group in groups.items() if "momentum" in group}
-        self.log_dict({**rates, **momenta}, on_step=True, on_epoch=False)
+        if on_step:  # "skip" reads its flag back every update anyway (see guards.py)
+            skipped = self.skipped_updates if self.nonfinite == "skip" else None
+            self.log_dict(optimizer_settings(self.trainer.optimizers, skipped), on_step=True, on_epoch=False)
 
-    # ------------------------------------------------------------------ hooks: set-up, checks, schedules
     def setup(self, stage: str) -> None:
         trainer = attached_trainer(self)
         if trainer is None:
             return
-        if stage == "fit" and trainer.world_size > 1:
-            # seed_everything gives every rank the same seed: offset it, so that ranks draw different noise and
-            # dropout masks (the weights stay identical: DDP broadcasts rank 0's and averages gradients). Here, not
-            # in on_train_start, so that a resumed run's restored random state (on_load_checkpoint) is kept.
+        if stage == "fit" and trainer.world_size > 1:  # each rank its own noise and dropout (see docs/distributed.md)
             torch.manual_seed(torch.initial_seed() + self.global_rank)
         check_image_shape(self, trainer.datamodule)
-        if stage != "fit":
-            return
-        stacked = next((c for c in trainer.callbacks if isinstance(c, StackedSteps)), None)
-        if stacked is None:
-            trainer.callbacks.insert(0, StackedSteps(self, self._steps_in))  # first: callbacks see the batch's count
-        else:
-            stacked.module, stacked.steps_in = self, self._steps_in
-        if self.cuda_graph:
-            check_graph_fits(trainer.world_size, trainer.precision)
-        # A resumed run's weights are restored after setup: for it, this bias is overwritten.
-        if self._fresh_weights and getattr(self.generator, "output_bias_from_data", False):
-            init_output_bias([self.generator, self.generator_ema], trainer.datamodule)
+        if stage == "fit":
+            StackedSteps.attach(trainer, self, self._steps_in)
+            if self.cuda_graph:
+                check_graph_fits(trainer.world_size, trainer.precision)
+            if self._fresh_weights and getattr(self.generator, "output_bias_from_data", False):  # resumes overwrite it
+                init_output_bias([self.generator, self.generator_ema], trainer.datamodule)
 
     def on_fit_start(self) -> None:
         check_ddp(self.trainer.strategy.model)
@@ -428,22 +313,15 @@ class GAN(LightningModule):
             self.average.check_precision()
 
     def on_train_start(self) -> None:
-        self._fresh_weights = False
-        self._loader_stacks = getattr(self.trainer.train_dataloader, "stack_batches", 1) > 1
-        check_optimizers(self.trainer.optimizers, self.discriminator, self.generator)
-        self._stepper = SchedulerStepper(self.trainer.lr_scheduler_configs, self.trainer.optimizers,
-                                         self.lr_scheduler_step)  # fmt: skip
-        self._stepper.check(is_overridden("lr_scheduler_step", self, LightningModule))
-        self._stepper.catch_up(self.current_epoch)  # after the last batch's checkpoint, no on_train_epoch_start
+        trainer, self._fresh_weights = self.trainer, False
+        self._loader_stacks = getattr(trainer.train_dataloader, "stack_batches", 1) > 1
+        check_optimizers(trainer.optimizers, self.discriminator, self.generator)
+        self._stepper = SchedulerStepper.start(self)
         if self.average is not None:
             self.average.start_fit(self.generator_updates)
-        self.graph_runner = None
-        if self.cuda_graph and self.device.type != "cuda" and CudaGraphRunner.requires_cuda:
-            rank_zero_info(f"GAN: `cuda_graph` needs a CUDA device; training on {self.device.type} runs eagerly.")
-        elif self.cuda_graph:
-            self._guard.first_bad(self.device)  # before any capture, so that the graphs update it in place
-            self.graph_runner = CudaGraphRunner(self._graphed_update, self.trainer.optimizers, self.device,
-                                                self.global_step)  # fmt: skip
+        self._one_pass = isinstance(trainer.strategy, SingleDeviceStrategy)  # the authors' simultaneous graph
+        runner = (self._update, trainer.optimizers, self._guard, self.device, self.global_step)
+        self.graph_runner = CudaGraphRunner.start(*runner) if self.cuda_graph else None
 
     def on_train_epoch_start(self) -> None:
         self._stepper.catch_up(self.current_epoch)
@@ -458,49 +336,31 @@ class GAN(LightningModule):
 
     def on_validation_start(self) -> None:
         if self._fresh_weights and self.trainer.state.fn != TrainerFn.FITTING:
-            warn_untrained("validate")
+            warn_untrained("test" if self.trainer.testing else "validate")
 
-    def on_test_start(self) -> None:
-        if self._fresh_weights:
-            warn_untrained("test")
+    on_test_start = on_validation_start
 
-    # ------------------------------------------------------------------ checkpoints: exact resume, no broken files
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to save non-finite weights; add every rank's random state and the skipped-update count."""
+        """Refuse to save non-finite weights; add what an exact resume needs."""
         self._guard.check_before_saving(self.global_step, self.current_epoch)
-        checkpoint["lightning_gan"] = {
-            "rng_states": all_gather_object(rng_state(self.device)),
-            "skipped_updates": self.skipped_updates,
-            "ema_updates": self.average.updates if self.average is not None else 0,
-        }
+        ema_updates = self.average.updates if self.average is not None else 0
+        save_resume_state(checkpoint, self.device, skipped_updates=self.skipped_updates, ema_updates=ema_updates)
         if self.graph_runner is not None:
             self.graph_runner.checkpoint_as_eager(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fit the generator average to the checkpoint; when fitting, restore this rank's random state (exact
-        resume). The networks are checked against its weights when they load (:meth:`load_state_dict`)."""
-        state = checkpoint.get("lightning_gan") or {}
-        fit_average_to(checkpoint, self.average, int(checkpoint.get("global_step", 0)) // self.k)
-        self._fresh_weights = False
+        """Fit the generator average to the checkpoint and restore what :meth:`on_save_checkpoint` added."""
+        state, step = resume_state(checkpoint), int(checkpoint.get("global_step", 0))
+        fit_average_to(checkpoint, self.average, step // self.k)
+        self._fresh_weights, self._guard.skipped = False, int(state.get("skipped_updates", 0))
         if self.graph_runner is not None:
             self.graph_runner.graphs.reset()  # restored optimizer state is new tensors, which no graph has captured
-        self._guard.skipped = int(state.get("skipped_updates", 0))
-        trainer = attached_trainer(self)
-        if trainer is None:
-            return
-        if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not logged_steps(trainer):
-            # the loggers' x-axis: the evaluated checkpoint's step (Lightning restores no step outside a fit), for a
-            # trainer that has not fitted (one that has keeps counting its own steps)
-            set_logged_steps(trainer, int(checkpoint.get("global_step", 0)))
-        if trainer.state.fn == TrainerFn.FITTING and "rng_states" in state:
-            restore_rng_states(state["rng_states"], trainer.world_size, self.global_rank, self.device)
+        restore_resume_state(attached_trainer(self), state, step, self.device)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; a strict load of other networks' weights raises a ``ValueError`` that
-        names them and the fix (Lightning loads strictly unless ``strict_loading`` or ``strict=False`` say not)."""
+        """``nn.Module.load_state_dict``; a strict load of other networks' weights raises a ``ValueError``."""
         if strict:
-            trainer = attached_trainer(self)
-            check_architecture(self.state_dict(), state_dict, trainer.ckpt_path if trainer is not None else None)
+            check_architecture(self.state_dict(), state_dict, getattr(attached_trainer(self), "ckpt_path", None))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
@@ -512,18 +372,21 @@ def paper_sgd(params: Any) -> Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.5)
 
 
-def _record(guard: NonFiniteGuard, step: Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> bool:
-    """The CUDA graph's non-finite check: recorded on the device, the update applied."""
-    guard.record(step, d_loss, g_loss)
-    return True
-
-
 def _no_closure() -> None:
     return None
 
 
 def _mark_weights_loaded(module: nn.Module, incompatible_keys: Any) -> None:
     module._fresh_weights = False
+
+
+def optimizer_settings(optimizers: Sequence[Optimizer], skipped_updates: int | None) -> dict[str, float]:
+    """The discriminator's and the generator's learning rate and momentum (where they have one), and the skipped
+    updates (where counted), to log."""
+    groups = {tag: optimizer.param_groups[0] for tag, optimizer in zip("dg", optimizers, strict=True)}
+    settings = {f"train/lr_{tag}": group["lr"] for tag, group in groups.items()}
+    settings |= {f"train/momentum_{tag}": group["momentum"] for tag, group in groups.items() if "momentum" in group}
+    return settings if skipped_updates is None else {"train/skipped_updates": float(skipped_updates), **settings}
 
 
 def _mean_outputs(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -570,8 +433,10 @@ def check_arguments(
     check_decay(ema_decay)
 
 
-def make_optimizer(name: str, factory: Any, network: nn.Module) -> Optimizer:
-    """``factory(network.parameters())``, refusing a learning rate that is not positive with the key to set."""
+def make_optimizer(name: str, factory: Any, network: nn.Module, graph_safe: bool) -> Optimizer:
+    """``factory(network.parameters())``, refusing a learning rate that is not positive with the key to set, and,
+    where ``graph_safe``, an optimizer that cannot step inside a CUDA graph (checked on every device, so that a
+    config tried on a CPU also runs on a GPU)."""
     fix = f"set `{name}_optimizer.init_args.lr` (--model.init_args.{name}_optimizer.init_args.lr) to a value > 0"
     try:
         optimizer = factory(network.parameters())
@@ -584,6 +449,8 @@ def make_optimizer(name: str, factory: Any, network: nn.Module) -> Optimizer:
             raise ValueError(
                 f"Expected a positive learning rate for the {name} optimizer, but got lr={group['lr']}; {fix}."
             )
+    if graph_safe:
+        check_graph_safe(optimizer, name)
     return optimizer
 
 

@@ -21,11 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
+from lightning_gan._lightning import logged_steps, set_logged_steps
+from lightning_gan.distributed import all_gather_object
+
 __all__ = ["EpochRandomSampler", "ResumableDataLoader", "rng_state", "set_rng_state"]
+
+STATE_KEY = "lightning_gan"  # the checkpoint entry of save_resume_state
 
 
 # ---------------------------------------------------------------------------------------------------- random state
@@ -61,6 +68,28 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) 
     )
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def save_resume_state(checkpoint: dict[str, Any], device: torch.device, **counts: int) -> None:
+    """Add every rank's random state (all ranks take part) and the module's ``counts`` to ``checkpoint``."""
+    checkpoint[STATE_KEY] = {"rng_states": all_gather_object(rng_state(device)), **counts}
+
+
+def resume_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`save_resume_state` added to ``checkpoint`` (empty for a checkpoint without it)."""
+    return checkpoint.get(STATE_KEY) or {}
+
+
+def restore_resume_state(trainer: Trainer | None, state: Mapping[str, Any], step: int, device: torch.device) -> None:
+    """When fitting, restore this rank's random state (exact resume); when evaluating on a trainer that has not
+    fitted, put the loggers' x-axis at the checkpoint's global ``step`` (Lightning restores no step outside a fit).
+    Without a trainer, nothing."""
+    if trainer is None:
+        return
+    if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not logged_steps(trainer):
+        set_logged_steps(trainer, step)
+    if trainer.state.fn == TrainerFn.FITTING and "rng_states" in state:
+        restore_rng_states(state["rng_states"], trainer.world_size, trainer.global_rank, device)
 
 
 def restore_rng_states(states: list[Mapping[str, Any]], world_size: int, rank: int, device: torch.device) -> None:

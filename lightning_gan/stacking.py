@@ -49,6 +49,16 @@ class StackedSteps(Callback):
         self.module, self.steps_in = module, steps_in
         self.checked = 1  # the stack size whose step counts were checked for this fit
 
+    @classmethod
+    def attach(cls, trainer: Trainer, module: LightningModule, steps_in: Callable[[Any], int]) -> None:
+        """Put one for ``module`` first in ``trainer``'s callbacks (callbacks that log as a batch starts see its
+        count), or point the one already there at ``module``."""
+        attached = next((callback for callback in trainer.callbacks if isinstance(callback, cls)), None)
+        if attached is None:
+            trainer.callbacks.insert(0, cls(module, steps_in))
+        else:
+            attached.module, attached.steps_in = module, steps_in
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.checked = 1
 

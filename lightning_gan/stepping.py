@@ -9,7 +9,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
@@ -26,6 +28,16 @@ class SchedulerStepper:
         self.configs, self.step_hook = configs, step_hook
         # per optimizer: (scheduler, frequency, step) for those stepped after every frequency-th of its updates
         self.per_update = [self._per_update(optimizer) for optimizer in optimizers]
+
+    @classmethod
+    def start(cls, module: LightningModule) -> SchedulerStepper:
+        """The stepper of ``module``'s trainer when training starts: checked, and its per-epoch schedulers caught up
+        with the epoch (after a resume from the last batch's checkpoint, no ``on_train_epoch_start`` comes)."""
+        trainer = module.trainer
+        stepper = cls(trainer.lr_scheduler_configs, trainer.optimizers, module.lr_scheduler_step)
+        stepper.check(is_overridden("lr_scheduler_step", module, LightningModule))
+        stepper.catch_up(trainer.current_epoch)
+        return stepper
 
     def of_type(self, kind: type, optimizer: Optimizer | None = None) -> list[Any]:
         """The schedulers of type ``kind`` (of ``optimizer`` only, if given)."""
@@ -86,6 +98,14 @@ class SchedulerStepper:
         for _, frequency, step in self.per_update[index]:
             if updates % frequency == 0:
                 step()
+
+    def after_step(self, step: int, k: int, discriminator: bool = True, generator: bool = True) -> None:
+        """After training step ``step`` (0-based; a generator update every ``k``), step the per-update schedulers of
+        the ``discriminator``'s and the ``generator``'s optimizer, if they were updated."""
+        if discriminator:
+            self.after_update(0, step + 1)
+        if generator:
+            self.after_update(1, (step + 1) // k)
 
     def catch_up(self, epoch: int) -> None:
         """Bring the per-epoch schedulers to the start of (0-based) ``epoch``: a checkpoint saved at the end of
