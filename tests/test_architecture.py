@@ -64,3 +64,66 @@ def test_gan_s_class_body_is_at_most_300_lines() -> None:
     tree = ast.parse((PACKAGE / "module.py").read_text())
     (gan,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "GAN"]
     assert gan.end_lineno - gan.lineno + 1 <= 300
+
+
+def own_private_attributes() -> set[str]:
+    """The ``_``-prefixed attributes that the package's own code assigns on its objects (``self._x = ...``)."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for leaf in ast.walk(target):
+                        on_self = isinstance(leaf, ast.Attribute) and ast.unparse(leaf.value) == "self"
+                        if on_self and leaf.attr.startswith("_"):
+                            names.add(leaf.attr)
+    return names
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def internal_touches(tree: ast.AST, own: set[str]) -> list[ast.AST]:
+    """Reads or writes of a ``_``-prefixed attribute that is not the package's own, including ``super()._x`` and
+    ``getattr(x, "_x")``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            on_super = isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "super"
+            if on_super or (not on_self and node.attr not in own):
+                found.append(node)
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "setattr", "hasattr"):
+            name = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and is_private(name.value):
+                found += [node] if name.value not in own else []
+    return found
+
+
+def test_only_the_internals_module_touches_lightning_or_torch_internals() -> None:
+    own = own_private_attributes()
+    touches = [
+        f"{path.name}:{node.lineno} {ast.unparse(node)}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "_lightning.py"
+        for node in internal_touches(ast.parse(path.read_text()), own)
+    ]
+    assert not touches, "Lightning or torch internals outside lightning_gan/_lightning.py:\n" + "\n".join(touches)
+
+
+def test_no_class_overrides_a_private_method_of_a_library_class() -> None:
+    import importlib
+    import inspect
+
+    overrides = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = importlib.import_module(module_name(path))
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or cls.__module__ != module.__name__:
+                continue
+            library = [base for base in cls.__mro__[1:] if not base.__module__.startswith("lightning_gan")]
+            for name in vars(cls):
+                if is_private(name) and name != "_abc_impl" and any(hasattr(base, name) for base in library):
+                    overrides.append(f"{cls.__module__}.{cls.__name__}.{name}")
+    assert not overrides, f"overrides of library internals: {overrides}"
