@@ -1,12 +1,18 @@
 """lightning-gan: the original Generative Adversarial Nets (Goodfellow et al., 2014) as a Lightning plug-in."""
 
 from lightning_gan.callbacks import MatmulPrecision, ParzenEvaluation
-from lightning_gan.conv_nets import ConvMaxoutDiscriminator, DeconvGenerator, MaxoutConv2d
 from lightning_gan.data import GANDataModule
 from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.module import GAN
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
-from lightning_gan.nets import Maxout, MaxoutDiscriminator, MLPGenerator
+from lightning_gan.nets import (
+    ConvMaxoutDiscriminator,
+    DeconvGenerator,
+    Maxout,
+    MaxoutConv2d,
+    MaxoutDiscriminator,
+    MLPGenerator,
+)
 from lightning_gan.parzen import ParzenLogLikelihood, parzen_log_likelihood, select_sigma
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 

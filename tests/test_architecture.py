@@ -127,3 +127,17 @@ def test_no_class_overrides_a_private_method_of_a_library_class() -> None:
                 if is_private(name) and name != "_abc_impl" and any(hasattr(base, name) for base in library):
                     overrides.append(f"{cls.__module__}.{cls.__name__}.{name}")
     assert not overrides, f"overrides of library internals: {overrides}"
+
+
+def test_the_networks_import_only_their_shared_layers() -> None:
+    graph = imports()
+    assert graph["lightning_gan.nets.mlp"] & {"lightning_gan.nets.conv", "lightning_gan.conv_nets"} == set()
+    assert graph["lightning_gan.nets.conv"] & {"lightning_gan.nets.mlp", "lightning_gan.conv_nets"} == set()
+    assert not [name for name, deps in graph.items() if "lightning_gan.conv_nets" in deps]  # kept for old class_paths
+
+
+def test_the_former_conv_nets_module_names_the_same_classes() -> None:
+    from lightning_gan import conv_nets, nets
+
+    for name in conv_nets.__all__:
+        assert getattr(conv_nets, name) is getattr(nets, name)
