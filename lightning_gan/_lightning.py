@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
@@ -57,6 +57,12 @@ def checkpoint_cadence(callback: ModelCheckpoint) -> tuple[int, int, Any]:
     """A ``ModelCheckpoint``'s ``(every_n_train_steps, every_n_epochs, train_time_interval)`` as it resolved them
     (Lightning 2.6: its ``_every_n_train_steps``, ``_every_n_epochs``, ``_train_time_interval``)."""
     return callback._every_n_train_steps, callback._every_n_epochs, callback._train_time_interval
+
+
+def callback_state_key(callback: Callback, **key: Any) -> str:
+    """A ``state_key`` for ``callback`` that tells apart instances by ``key``, as Lightning's documentation of
+    ``Callback.state_key`` recommends (Lightning 2.6: ``Callback._generate_state_key``: the class name and ``key``)."""
+    return callback._generate_state_key(**key)
 
 
 def sigterm_flag(trainer: Trainer) -> bool:

@@ -19,9 +19,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightning_gan.figures import LatentInterpolation, SampleGrid, _datamodule_images
+from lightning_gan._lightning import checkpoint_cadence
+from lightning_gan.checks import check_positive_int
+from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
+from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
+from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
 
 # The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
 __all__ = [
@@ -80,8 +84,8 @@ class ParzenEvaluation(Callback):
     is used as given.
 
     Args:
-        num_samples: generator samples used as window centres (the authors: 10,000), drawn by ``GAN.sample``: from
-            the generator's weight average when the GAN keeps one (``ema_decay``).
+        num_samples: generator samples used as window centres (the authors: 10,000), drawn from
+            ``GAN.sampling_generator``: the generator's weight average when the GAN keeps one (``ema_decay``).
         every_n_epochs: select sigma (and log ``parzen/val_ll``) every this many validation epochs.
         val_size: validation images used to choose sigma (the authors: the first 1,000 of MNIST's validation split;
             ``None``: the whole split, as for TFD's valid fold).
@@ -112,8 +116,7 @@ class ParzenEvaluation(Callback):
             ("chunk_size", chunk_size),
             ("test_size", 1 if test_size is None else test_size),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+            check_positive_int(name, value)
         if sigmas is not None and (len(sigmas) == 0 or not all(math.isfinite(s) and s > 0 for s in sigmas)):
             raise ValueError(f"Expected `sigmas` to be a non-empty list of positive numbers, but got {sigmas!r}.")
         self.num_samples = num_samples
@@ -150,14 +153,13 @@ class ParzenEvaluation(Callback):
         ``c % world_size`` and gathered, so the result is the same on 1 process or N ranks."""
         world, rank = trainer.world_size, trainer.global_rank
         n_chunks = math.ceil(self.num_samples / self.chunk_size)
-        mine = range(rank, n_chunks, world)
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        chunks = []
-        with torch.random.fork_rng(devices=devices):  # the training noise stream is left untouched
-            for c in mine:
-                torch.manual_seed(self.seed + c)
-                chunks.append(pl_module.sample(self.chunk_size).flatten(1))
-            dim = chunks[0].shape[1] if chunks else pl_module.sample(1).flatten(1).shape[1]  # a rank with no chunk
+        generator, device = sampling_generator(pl_module), pl_module.device
+
+        def sample(n: int, seed: int) -> Tensor:  # seeded noise leaves the training noise stream untouched
+            return eval_forward(generator, seeded_noise(generator, n, seed, device)).flatten(1)
+
+        chunks = [sample(self.chunk_size, self.seed + c) for c in range(rank, n_chunks, world)]
+        dim = chunks[0].shape[1] if chunks else sample(1, self.seed).shape[1]  # a rank with no chunk
         per_rank = math.ceil(n_chunks / world)
         local = torch.zeros(per_rank, self.chunk_size, dim, device=pl_module.device)
         if chunks:
@@ -171,7 +173,7 @@ class ParzenEvaluation(Callback):
         """Refuse, before any training, a datamodule without the images this callback will read, and a checkpoint
         callback that would look for ``parzen/*`` in epochs without it."""
         for split in ("val", "test") if stage == "test" else ("val",):
-            _datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
+            datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
         if stage == "fit":
             for checkpoint in trainer.checkpoint_callbacks:
                 self._check_cadence(checkpoint)
@@ -179,8 +181,8 @@ class ParzenEvaluation(Callback):
     def _check_cadence(self, checkpoint: ModelCheckpoint) -> None:
         if not str(checkpoint.monitor).startswith("parzen/"):
             return
-        every = checkpoint._every_n_epochs
-        if checkpoint._every_n_train_steps or checkpoint._train_time_interval or every % self.every_n_epochs:
+        every_n_train_steps, every_n_epochs, train_time_interval = checkpoint_cadence(checkpoint)
+        if every_n_train_steps or train_time_interval or every_n_epochs % self.every_n_epochs:
             raise ValueError(
                 f"ModelCheckpoint(monitor={checkpoint.monitor!r}) would look for it in epochs where ParzenEvaluation "
                 f"does not log it (every {self.every_n_epochs} epochs): give the checkpoint `every_n_epochs` "
@@ -189,7 +191,7 @@ class ParzenEvaluation(Callback):
 
     @staticmethod
     def _images(trainer: Trainer, split: str, limit: int | None) -> Tensor:
-        images = _datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
+        images = datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
         return images[:limit] if limit is not None else images
 
     # ------------------------------------------------------------------ sigma on validation

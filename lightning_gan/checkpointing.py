@@ -12,12 +12,9 @@ to the ``Trainer``. Exact resume (random state, position in the epoch) is in :mo
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import tempfile
 import threading
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -36,7 +33,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_handler_before_lightning
+from lightning_gan.checks import check_positive_int
+from lightning_gan.distributed import all_reduce
 from lightning_gan.figures import run_dir
+from lightning_gan.files import atomic_write
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "check_writable", "with_safe_checkpointing"]
 
@@ -57,30 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(temporary, "xb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder; its rename is durable enough
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
 # ---------------------------------------------------------------------------------------------------- interruption
@@ -113,8 +91,7 @@ class InterruptCheckpoint(Callback):
         super().__init__()
         if not filename:
             raise ValueError("Expected a non-empty `filename` for the interruption checkpoint.")
-        if sync_every_n_steps < 1:
-            raise ValueError(f"Expected `sync_every_n_steps` >= 1, but got {sync_every_n_steps}.")
+        check_positive_int("sync_every_n_steps", sync_every_n_steps)
         self.sync_every_n_steps = sync_every_n_steps
         self._stop_requested = False
         self._synced_interval = 0  # global_step // sync_every_n_steps when the ranks last agreed (or training began)
@@ -168,8 +145,8 @@ class InterruptCheckpoint(Callback):
             if launcher is not None:
                 launcher.kill(signum)
         self._stop_requested = True
-        original = getattr(trainer._signal_connector, "_original_handlers", {}).get(signal.SIGTERM)
-        if callable(original):
+        original = sigterm_handler_before_lightning(trainer)
+        if original is not None:
             original(signum, frame)
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
@@ -180,14 +157,10 @@ class InterruptCheckpoint(Callback):
             "\nCtrl-C: stopping after the current step and saving a checkpoint to resume from. "
             "Press Ctrl-C again to stop at once, without a checkpoint."
         )
-        # Lightning's own SIGTERM flag: checked (and, under DDP, broadcast from rank 0) after every step
-        connector = getattr(self._trainer, "_signal_connector", None)
         if self._trainer.world_size > 1:
             self._stop_requested = True  # the ranks agree on it first (see on_train_batch_end)
-        elif connector is not None and hasattr(connector, "received_sigterm"):
-            connector.received_sigterm = True
-        else:  # a Lightning without that flag: let its SIGTERM handler do the same
-            os.kill(os.getpid(), signal.SIGTERM)
+        else:  # Lightning's own SIGTERM flag, checked after every step
+            set_sigterm_flag(self._trainer, True)
 
     @override
     def on_train_batch_end(
@@ -196,15 +169,12 @@ class InterruptCheckpoint(Callback):
         if trainer.world_size == 1:
             return
         self._hold_back_signal(trainer)
-        connector = trainer._signal_connector
         # when a multiple of the interval was reached or passed (a batch may hold several steps): alike on all ranks
         interval = trainer.global_step // self.sync_every_n_steps
         if interval != self._synced_interval:
             self._synced_interval = interval
-            flag = torch.tensor(float(self._stop_requested), device=pl_module.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() > 0:
-                connector.received_sigterm = True
+            if all_reduce(torch.tensor(float(self._stop_requested), device=pl_module.device), "max").item() > 0:
+                set_sigterm_flag(trainer, True)
 
     @override
     def on_validation_batch_end(
@@ -223,9 +193,9 @@ class InterruptCheckpoint(Callback):
     def _hold_back_signal(self, trainer: Trainer) -> None:
         """Lightning stops a rank as soon as *its* flag is set, at the end of this batch: a rank stopping alone would
         then wait forever in the checkpoint's collectives. Hold the flag back until all ranks agree."""
-        connector = trainer._signal_connector
-        if connector.received_sigterm:
-            self._stop_requested, connector.received_sigterm = True, False
+        if sigterm_flag(trainer):
+            self._stop_requested = True
+            set_sigterm_flag(trainer, False)
 
     def _restore_handler(self) -> None:
         if threading.current_thread() is threading.main_thread():

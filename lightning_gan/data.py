@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -15,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gan.checks import check_positive_int
 from lightning_gan.datasets import (
     TFD_FOLDS,
     Split,
@@ -45,37 +44,6 @@ class InMemoryTensors(TensorDataset):
         if index.dim() == 1:
             return [t.index_select(0, index) for t in self.tensors]
         return [t.index_select(0, index.flatten()).view(*index.shape, *t.shape[1:]) for t in self.tensors]
-
-
-class _IndicesOnDevice:
-    """A batch sampler's batches (or stacks of batches) as index tensors on ``device``: each pass's indices are
-    copied there at once (one copy per epoch instead of one per batch, which on a GPU would also wait for the queued
-    work to finish)."""
-
-    def __init__(self, batch_sampler: Iterable[list[int] | list[list[int]]], device: torch.device) -> None:
-        self.batch_sampler, self.device = batch_sampler, device
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Tensor]:
-        batches = list(self.batch_sampler)
-        if not batches:
-            return
-        stacked = isinstance(batches[0][0], list)
-        rows = [row for stack in batches for row in stack] if stacked else batches
-        flat = torch.tensor([i for row in rows for i in row], dtype=torch.long).to(self.device)
-        shapes = [(len(stack), len(stack[0])) for stack in batches] if stacked else [(len(b),) for b in batches]
-        for indices, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes, strict=True):
-            yield indices.view(shape)
-
-
-class _DeviceIndexLoader(ResumableDataLoader):
-    """A :class:`ResumableDataLoader` over tensors on a device, handing them their batch indices already there."""
-
-    @property
-    def _index_sampler(self) -> Any:  # type: ignore[override]
-        return _IndicesOnDevice(super()._index_sampler, self.dataset.tensors[0].device)
 
 
 def _whole_batch(batch: list[Tensor]) -> list[Tensor]:
@@ -134,10 +102,8 @@ class GANDataModule(LightningDataModule):
             raise ValueError(
                 f"Unknown dataset {dataset!r}; expected one of {sorted(_LOADERS)}. Set `data.dataset` accordingly."
             )
-        if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
-        if steps_per_batch < 1:
-            raise ValueError(f"Expected `steps_per_batch` >= 1, but got {steps_per_batch}.")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("steps_per_batch", steps_per_batch)
         if num_workers < 0:
             raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}.")
         if preprocessing not in ("scale", "gcn"):
@@ -235,8 +201,7 @@ class GANDataModule(LightningDataModule):
     def _dataloader(self, split: str, stack_batches: int = 1) -> DataLoader:
         data = self._split(split)
         # resumable mid-epoch (exact order after a checkpoint), and draws nothing from the global random generators
-        loader = _DeviceIndexLoader if self.device_resident else ResumableDataLoader
-        return loader(
+        return ResumableDataLoader(
             InMemoryTensors(data.images, data.labels),
             collate_fn=_whole_batch,
             batch_size=self.batch_size,
@@ -245,6 +210,7 @@ class GANDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             stack_batches=stack_batches,
+            index_device=data.images.device if self.device_resident else None,  # only the indices travel, once a pass
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,29 +11,27 @@ engine, :func:`lightning_gan.parzen.nearest_neighbours`. The monitor and progres
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
+from lightning_gan._lightning import callback_state_key
+from lightning_gan.checks import check_positive_int
+from lightning_gan.files import atomic_write
 from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours
+from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
 
 __all__ = ["LatentInterpolation", "SampleGrid", "nearest_training_images", "run_dir"]
 
 _YELLOW = torch.tensor([1.0, 1.0, 0.0])
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -48,18 +46,6 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
-def _datamodule_images(datamodule: Any, split: str, needed_by: str) -> Tensor:
-    """``datamodule.splits.<split>.images`` (N, C, H, W), or a clear error saying what is missing."""
-    splits = getattr(datamodule, "splits", None)
-    images = getattr(getattr(splits, split, None), "images", None)
-    if not isinstance(images, Tensor):
-        raise ValueError(
-            f"{needed_by} needs the {split} images as `trainer.datamodule.splits.{split}.images` (N, C, H, W); "
-            "train with lightning_gan.GANDataModule (or a datamodule that provides them)."
-        )
-    return images
-
-
 def _to_display(datamodule: Any, images: Tensor) -> Tensor:
     """Images in data space to [0, 1] on the CPU, through ``datamodule.to_display`` when there is one."""
     images = images.detach().float().cpu()
@@ -69,18 +55,6 @@ def _to_display(datamodule: Any, images: Tensor) -> Tensor:
 
 def _rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-def _sampling_generator(pl_module: LightningModule) -> nn.Module:
-    """The generator that figures show: ``GAN.sampling_generator`` (the weight average, if kept), else ``generator``."""
-    return getattr(pl_module, "sampling_generator", pl_module.generator)
-
-
-def _fixed_noise(pl_module: LightningModule, n: int, seed: int) -> Tensor:
-    """``n`` noise vectors from ``generator.sample_noise`` on the CPU, seeded: the same on every rank and run."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return pl_module.generator.sample_noise(n, torch.device("cpu")).detach().cpu()
 
 
 def nearest_training_images(samples: Tensor, train: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +71,7 @@ class _GridCallback(Callback):
     """Renders one grid every ``every_n_epochs`` training epochs and at the end of training (rank zero only)."""
 
     def __init__(self, key: str, every_n_epochs: int, seed: int, dirpath: str | Path | None) -> None:
-        _check_positive("every_n_epochs", every_n_epochs)
+        check_positive_int("every_n_epochs", every_n_epochs)
         if not key:
             raise ValueError("Expected `key` to be a non-empty name for the figure, e.g. 'samples'.")
         self.key, self.every_n_epochs, self.seed = key, every_n_epochs, seed
@@ -109,7 +83,7 @@ class _GridCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.key)
+        return callback_state_key(self, key=self.key)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -128,7 +102,7 @@ class _GridCallback(Callback):
 
     def _fixed_noise(self, pl_module: LightningModule) -> Tensor:
         if self.noise is None or self.noise.shape[0] != self._num_noise():
-            self.noise = _fixed_noise(pl_module, self._num_noise(), self.seed)
+            self.noise = seeded_noise(pl_module.generator, self._num_noise(), self.seed)
         return self.noise
 
     def make_grid(self, pl_module: LightningModule, datamodule: Any = None) -> Tensor:
@@ -162,14 +136,7 @@ class _GridCallback(Callback):
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(self.key, grid, global_step=step)
         folder = (self.dirpath or run_dir(trainer) / self.key).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch={epoch:04d}-step={step}.png"
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        try:
-            save_image(grid, tmp, format="png")
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(folder / f"epoch={epoch:04d}-step={step}.png", lambda file: save_image(grid, file, format="png"))
 
 
 class SampleGrid(_GridCallback):
@@ -201,8 +168,8 @@ class SampleGrid(_GridCallback):
         dirpath: str | Path | None = None,
     ) -> None:
         super().__init__(key, every_n_epochs, seed, dirpath)
-        _check_positive("num_samples", num_samples)
-        _check_positive("nrow", nrow)
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("nrow", nrow)
         self.num_samples, self.nrow, self.nearest_neighbours = num_samples, nrow, nearest_neighbours
 
     def _num_noise(self) -> int:
@@ -212,16 +179,16 @@ class SampleGrid(_GridCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.nearest_neighbours and stage == "fit":
-            _datamodule_images(trainer.datamodule, "train", "SampleGrid(nearest_neighbours=True)")
+            datamodule_images(trainer.datamodule, "train", "SampleGrid(nearest_neighbours=True)")
 
     @override
     def make_grid(self, pl_module: LightningModule, datamodule: Any = None) -> Tensor:
         samples = eval_forward(
-            _sampling_generator(pl_module), self._fixed_noise(pl_module), pl_module.device
+            sampling_generator(pl_module), self._fixed_noise(pl_module), pl_module.device
         )  # (n, C, H, W)
         if not self.nearest_neighbours:
             return make_grid(_rgb(_to_display(datamodule, samples)), nrow=self.nrow, pad_value=1.0)
-        neighbours, _ = nearest_training_images(samples, _datamodule_images(datamodule, "train", "SampleGrid"))
+        neighbours, _ = nearest_training_images(samples, datamodule_images(datamodule, "train", "SampleGrid"))
         framed = _rgb(_to_display(datamodule, neighbours)).clone()
         yellow = _YELLOW.view(1, 3, 1)
         framed[:, :, 0, :] = framed[:, :, -1, :] = yellow
@@ -252,7 +219,7 @@ class LatentInterpolation(_GridCallback):
         dirpath: str | Path | None = None,
     ) -> None:
         super().__init__(key, every_n_epochs, seed, dirpath)
-        _check_positive("num_rows", num_rows)
+        check_positive_int("num_rows", num_rows)
         if not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(
                 f"Expected `num_steps` to be an integer >= 2 (both ends of a line), but got {num_steps!r}."
@@ -267,5 +234,5 @@ class LatentInterpolation(_GridCallback):
         z_a, z_b = self._fixed_noise(pl_module).chunk(2)  # (rows, *noise shape) each
         t = torch.linspace(0, 1, self.num_steps, dtype=z_a.dtype).view(1, -1, *[1] * (z_a.ndim - 1))
         z = ((1 - t) * z_a.unsqueeze(1) + t * z_b.unsqueeze(1)).flatten(0, 1)  # (rows * steps, *noise shape)
-        images = eval_forward(_sampling_generator(pl_module), z, pl_module.device)
+        images = eval_forward(sampling_generator(pl_module), z, pl_module.device)
         return make_grid(_rgb(_to_display(datamodule, images)), nrow=self.num_steps, pad_value=1.0)

@@ -18,9 +18,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gan.figures import _check_positive, _datamodule_images, _fixed_noise
+from lightning_gan._lightning import should_update_logs
+from lightning_gan.checks import check_positive_int
 from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours, pairwise_sq_dists_chunks
+from lightning_gan.sampling import datamodule_images, seeded_noise
 
 __all__ = ["CollapseMonitor", "GANProgressBar"]
 
@@ -83,9 +85,9 @@ class CollapseMonitor(Callback):
     ) -> None:
         if not isinstance(num_samples, int) or num_samples < 2:
             raise ValueError(f"Expected `num_samples` to be an integer >= 2, but got {num_samples!r}.")
-        _check_positive("num_reference", num_reference)
-        _check_positive("every_n_epochs", every_n_epochs)
-        _check_positive("patience", patience)
+        check_positive_int("num_reference", num_reference)
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_positive_int("patience", patience)
         for name, value in (
             ("min_relative_distance", min_relative_distance),
             ("min_relative_nn_distance", min_relative_nn_distance),
@@ -118,8 +120,8 @@ class CollapseMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
-        train = _datamodule_images(trainer.datamodule, "train", "CollapseMonitor")
-        val = _datamodule_images(trainer.datamodule, "val", "CollapseMonitor")
+        train = datamodule_images(trainer.datamodule, "train", "CollapseMonitor")
+        val = datamodule_images(trainer.datamodule, "val", "CollapseMonitor")
         self._reference = self._subset(train, self.num_reference, 0).flatten(1)
         self._real = self._subset(val, self.num_samples, 1)
         self._data_spread = _spread(self._subset(train, self.num_samples, 2).flatten(1).float())
@@ -130,7 +132,7 @@ class CollapseMonitor(Callback):
         if self._reference is None or self._real is None or self._data_spread is None:
             raise RuntimeError("CollapseMonitor.measure() needs the data: call it from a Trainer (after setup).")
         if self.noise is None or self.noise.shape[0] != self.num_samples:
-            self.noise = _fixed_noise(pl_module, self.num_samples, self.seed)
+            self.noise = seeded_noise(pl_module.generator, self.num_samples, self.seed)
         # moved once to the module's device (at `setup` the module may not be there yet)
         self._reference, self._real = self._reference.to(pl_module.device), self._real.to(pl_module.device)
         samples = eval_forward(pl_module.generator, self.noise, pl_module.device)
@@ -209,7 +211,7 @@ class GANProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         # `float()` of a device tensor is a host sync on a GPU: refresh the values only on the steps whose metrics go
         # to the loggers (which sync there anyway), and show the last ones in between.
-        if not self._shown or trainer._logger_connector.should_update_logs:
+        if not self._shown or should_update_logs(trainer):
             self._shown = {
                 name.removeprefix("train/"): float(value)
                 for name in self.metrics

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -286,9 +285,9 @@ class ParzenLogLikelihood(Metric):
 
     ``samples`` (M, ...) are the window centres (e.g. 10,000 generator samples), the same on every rank: a
     non-persistent buffer (not copied, not a state) that follows ``.to(device)``; their centred float32 copy is cached
-    between updates. ``x`` and ``samples`` are flattened from dim 1. ``compute()`` returns ``(mean, se)`` with
-    ``se = std(ddof=0) / sqrt(N)`` as in the paper; the float64 states ``sum``, ``sum_sq`` and ``count`` are summed
-    across processes by torchmetrics.
+    between updates (and made again after a move). ``x`` and ``samples`` are flattened from dim 1. ``compute()``
+    returns ``(mean, se)`` with ``se = std(ddof=0) / sqrt(N)`` as in the paper; the float64 states ``sum``, ``sum_sq``
+    and ``count`` are summed across processes by torchmetrics.
     """
 
     is_differentiable = False
@@ -318,10 +317,6 @@ class ParzenLogLikelihood(Metric):
         for name in ("sum", "sum_sq", "count"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> ParzenLogLikelihood:
-        self._centres = None  # .to(device) etc. move the samples: drop the cache built from the old ones
-        return super()._apply(fn, *args, **kwargs)
-
     def update(self, x: Tensor) -> None:
         """Add the per-example log-likelihoods of the batch ``x`` (B, ...) to the running sums."""
         if not isinstance(x, Tensor) or x.ndim < 2:
@@ -331,6 +326,7 @@ class ParzenLogLikelihood(Metric):
         cx, cy = _chunks(x.device, self.chunk_x, self.chunk_y)
         dtype = _compute_dtype(x, self.samples, None)
         c = self._centres
+        # a move (`.to(device)`, `.double()`) replaces the samples buffer by a new tensor: a cache of the old is stale
         if c is None or c.y is not self.samples or c.chunk_y != cy or c.dtype != dtype:
             self._centres = c = _Centres(self.samples, cy, dtype)
         ll = _parzen(x, c, torch.tensor([self.sigma], dtype=torch.float64), cx)[0]

@@ -15,8 +15,10 @@ Atomic checkpoint files and a checkpoint when a run is stopped are in :mod:`ligh
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 from typing_extensions import override
 
 from lightning_gan._lightning import logged_steps, set_logged_steps
@@ -136,40 +139,62 @@ class EpochRandomSampler(RandomSampler):
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
 
 
-class _ResumedBatches:
-    """A loader's batch sampler (or sampler) that first drops the batches a resumed epoch had already consumed: only
-    indices are dropped, no data is loaded for them."""
+class _ResumableBatchSampler(BatchSampler):
+    """The batches of a :class:`ResumableDataLoader`: ``BatchSampler`` batches of ``sampler``, ``stack_batches`` at a
+    time as one list of that many batches (the ones left over at the end of a pass dropped), as index tensors on
+    ``index_device`` when one is given. A pass starts by dropping the first ``skip`` of them, the ones a resumed epoch
+    had already consumed: only indices are dropped, no data is loaded for them.
 
-    def __init__(self, loader: ResumableDataLoader, sampler: Any) -> None:
-        self.loader, self.sampler = loader, sampler
+    Under DDP, Lightning re-creates it from its constructor's arguments with its ``DistributedSampler`` as
+    ``sampler`` (as it does for any ``BatchSampler`` subclass built in a ``*_dataloader`` hook).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Iterable[int],
+        batch_size: int,
+        drop_last: bool,
+        stack_batches: int = 1,
+        index_device: torch.device | None = None,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.stack_batches, self.index_device = stack_batches, index_device
+        self.skip = 0
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return super().__len__() // self.stack_batches
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self.sampler)
-        for _ in range(self.loader._skip):
-            next(iterator, None)
-        return iterator
+        batches: Iterator[Any] = super().__iter__()
+        if self.stack_batches > 1:
+            batches = _stacks(batches, self.stack_batches)
+        batches = itertools.islice(batches, self.skip, None)
+        if self.index_device is not None:
+            return _indices_on(batches, self.index_device, stacked=self.stack_batches > 1)
+        return batches
 
 
-class _StackedBatches:
-    """A batch sampler's batches, ``size`` at a time, as one list of ``size`` batches; the batches left over at the end
-    of a pass (fewer than ``size``) are dropped."""
+def _stacks(batches: Iterator[list[int]], size: int) -> Iterator[list[list[int]]]:
+    """The batches ``size`` at a time, as one list of ``size`` batches; the ones left over at the end are dropped."""
+    stack: list[list[int]] = []
+    for batch in batches:
+        stack.append(batch)
+        if len(stack) == size:
+            yield stack
+            stack = []
 
-    def __init__(self, batch_sampler: Any, size: int) -> None:
-        self.batch_sampler, self.size = batch_sampler, size
 
-    def __len__(self) -> int:
-        return len(self.batch_sampler) // self.size
-
-    def __iter__(self) -> Iterator[list[list[int]]]:
-        stack: list[list[int]] = []
-        for batch in self.batch_sampler:
-            stack.append(batch)
-            if len(stack) == self.size:
-                yield stack
-                stack = []
+def _indices_on(batches: Iterable[Any], device: torch.device, stacked: bool) -> Iterator[Tensor]:
+    """Batches (or stacks of batches) of indices as tensors on ``device``, the whole pass copied there at once: one
+    copy per epoch instead of one per batch, which on a GPU would also wait for the queued work to finish."""
+    batches = list(batches)
+    if not batches:
+        return
+    rows = [row for stack in batches for row in stack] if stacked else batches
+    flat = torch.tensor([i for row in rows for i in row], dtype=torch.long).to(device)
+    shapes = [(len(stack), len(stack[0])) for stack in batches] if stacked else [(len(b),) for b in batches]
+    for indices, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes, strict=True):
+        yield indices.view(shape)
 
 
 class ResumableDataLoader(DataLoader):
@@ -183,13 +208,21 @@ class ResumableDataLoader(DataLoader):
     it leaves the training noise stream untouched. Iteration starts lazily, at the first batch, after Lightning's
     ``set_epoch``.
 
+    The batches come from a batch sampler of the loader's own; ``sampler``, ``batch_size`` and ``drop_last`` read as
+    for a ``DataLoader`` built from them.
+
     Args:
-        dataset, batch_size, sampler, generator, **kwargs: as for ``DataLoader``.
+        dataset, batch_size, sampler, generator, drop_last, **kwargs: as for ``DataLoader`` (a map-style dataset,
+            and batches: ``batch_size`` is not ``None``).
         shuffle: shuffle each epoch with :class:`EpochRandomSampler`.
+        batch_sampler: a ``BatchSampler``, whose sampler, batch size and ``drop_last`` are taken (how Lightning
+            re-creates the loader with its ``DistributedSampler``); exclusive with those three and ``shuffle``.
         seed: that sampler's base seed (``None``: ``torch.initial_seed()`` at the first batch, see there).
         stack_batches: hand out this many batches at a time: the dataset's ``__getitems__`` receives their indices
             as a list of ``stack_batches`` lists (as :class:`~lightning_gan.data.InMemoryTensors` stacks them); the
             batches left over at the end of a pass are dropped. Needs ``batch_size`` and ``drop_last=True``.
+        index_device: hand the dataset its batches' indices as ``int64`` tensors on this device (``(B,)``, or
+            ``(stack_batches, B)``), each pass's copied there at once: for data kept on that device.
     """
 
     def __init__(
@@ -198,39 +231,85 @@ class ResumableDataLoader(DataLoader):
         batch_size: int | None = 1,
         shuffle: bool | None = None,
         sampler: Any = None,
+        batch_sampler: Any = None,
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        drop_last: bool = False,
         stack_batches: int = 1,
+        index_device: torch.device | None = None,
         **kwargs: Any,
     ) -> None:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("ResumableDataLoader needs a map-style dataset (with `__getitem__` and `__len__`).")
+        if batch_size is None and batch_sampler is None:
+            raise ValueError("ResumableDataLoader hands out batches: pass a `batch_size` (or a `batch_sampler`).")
+        if batch_sampler is not None:
+            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+                raise ValueError(
+                    "batch_sampler option is mutually exclusive with batch_size, shuffle, sampler, and drop_last"
+                )
+            if not isinstance(batch_sampler, BatchSampler):
+                raise TypeError(
+                    "ResumableDataLoader batches with a batch sampler of its own: pass a `BatchSampler` (its sampler, "
+                    f"batch size and drop_last are taken) or those three, not a {type(batch_sampler).__name__}."
+                )
+            sampler, batch_size, drop_last = batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
         if shuffle and sampler is not None:
             raise ValueError("ResumableDataLoader: `sampler` and `shuffle=True` exclude each other; pass one of them.")
         if stack_batches < 1:
             raise ValueError(f"ResumableDataLoader: expected `stack_batches` >= 1, but got {stack_batches}.")
-        if stack_batches > 1 and not (batch_size and kwargs.get("drop_last")):
+        if stack_batches > 1 and not (batch_size and drop_last):
             raise ValueError(
                 "ResumableDataLoader: `stack_batches` > 1 stacks batches of one size: pass `batch_size` and "
                 "`drop_last=True`."
             )
-        self.stack_batches = stack_batches
+        self.stack_batches, self.index_device = stack_batches, index_device
         if shuffle:
             sampler = EpochRandomSampler(dataset, seed)
+        elif sampler is None:
+            sampler = SequentialSampler(dataset)
         self._owns_generator = generator is None
         super().__init__(
-            dataset, batch_size=batch_size, sampler=sampler, generator=generator or torch.Generator(), **kwargs
+            dataset,
+            batch_sampler=_ResumableBatchSampler(sampler, batch_size, drop_last, stack_batches, index_device),
+            generator=generator or torch.Generator(),
+            **kwargs,
         )
         self._epoch: int | None = None  # epoch of the pass in progress (None: no pass yet)
         self._consumed = 0  # batches handed out in that pass (Lightning does not prefetch sized loaders)
         self._skip = 0  # batches the pass in progress started by dropping
         self._pending: tuple[int | None, int] | None = None  # (epoch, batches) from load_state_dict
 
-    @property
-    def _index_sampler(self) -> Any:  # type: ignore[override]
-        batches = super()._index_sampler
-        if self.stack_batches > 1:
-            batches = _StackedBatches(batches, self.stack_batches)
-        return _ResumedBatches(self, batches)
+    # With a batch sampler, `DataLoader.__init__` records a default sampler, no batch size and no drop_last: this
+    # loader's are those of its batches (the sampler that Lightning's DistributedSampler replaces under DDP).
+    @property  # type: ignore[override]
+    def sampler(self) -> Any:
+        """The sampler that orders the dataset: :class:`EpochRandomSampler` when shuffling, Lightning's
+        ``DistributedSampler`` under DDP."""
+        return self.batch_sampler.sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        pass  # DataLoader.__init__'s record (see above)
+
+    @property  # type: ignore[override]
+    def batch_size(self) -> int:
+        """Examples per batch."""
+        return self.batch_sampler.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def drop_last(self) -> bool:
+        """Whether a pass leaves out its last batch when it is smaller."""
+        return self.batch_sampler.drop_last
+
+    @drop_last.setter
+    def drop_last(self, value: bool) -> None:
+        pass
 
     def _sampler_epoch(self) -> int | None:
         epoch = getattr(self.sampler, "epoch", None)
@@ -256,6 +335,7 @@ class ResumableDataLoader(DataLoader):
         self._epoch, self._consumed = epoch, self._skip
         if self._owns_generator:
             self.generator.manual_seed((int(getattr(self.sampler, "seed", None) or 0) + (epoch or 0)) % 2**64)
+        self.batch_sampler.skip = self._skip
         for batch in super().__iter__():
             self._consumed += 1
             yield batch

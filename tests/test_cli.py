@@ -149,7 +149,7 @@ def test_a_value_a_class_refuses_is_a_usage_error_as_a_mistyped_key_is(
         assert exit_info.value.code == 2
     errors = capsys.readouterr().err
     assert errors.count("usage: ") == 2
-    assert "error: Expected `batch_size` >= 1, but got 0." in errors
+    assert "error: Expected `batch_size` to be a positive integer, but got 0." in errors
 
 
 def test_runs_without_a_logger_never_overwrite_another_runs_config(mnist_root: Path, tmp_path: Path) -> None:

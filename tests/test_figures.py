@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_gan import GAN, MaxoutDiscriminator, MLPGenerator
+from lightning_gan._lightning import callback_state_key
 from lightning_gan.figures import LatentInterpolation, SampleGrid, nearest_training_images
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.nets import eval_forward
@@ -134,6 +137,38 @@ def test_fixed_noise_is_saved_and_restored() -> None:
     second.load_state_dict(first.state_dict())
     torch.testing.assert_close(second._fixed_noise(gan), first.noise)
     assert SampleGrid(key="a").state_key != SampleGrid(key="b").state_key
+
+
+def test_callback_state_key_names_the_class_and_the_key() -> None:
+    assert callback_state_key(SampleGrid(key="a"), key="a") == "SampleGrid{'key': 'a'}" == SampleGrid(key="a").state_key
+
+
+def test_a_grid_s_png_is_synced_and_a_failed_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = SimpleNamespace(global_step=3, is_global_zero=True, datamodule=None, loggers=[])
+    grid = SampleGrid(num_samples=4, nrow=2, dirpath=tmp_path / "grids")
+    synced: list[int] = []  # inodes
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.fstat(descriptor).st_ino)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    grid._emit(trainer, tiny_gan((1, 4, 4)), epoch=1)
+    (png,) = (tmp_path / "grids").iterdir()
+    assert png.name == "epoch=0001-step=3.png" and png.stat().st_ino in synced
+
+    def killed_half_way(tensor: Tensor, file: Any, format: str) -> None:
+        file.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning_gan.figures.save_image", killed_half_way)
+    trainer.global_step = 4
+    with pytest.raises(KeyboardInterrupt):
+        grid._emit(trainer, tiny_gan((1, 4, 4)), epoch=2)
+    assert [p.name for p in (tmp_path / "grids").iterdir()] == [png.name]  # no temporary file, no half a PNG
 
 
 @pytest.mark.parametrize(

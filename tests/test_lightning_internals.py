@@ -101,3 +101,9 @@ def test_foreach_move_towards_rounds_as_the_per_tensor_operations() -> None:
         _lightning.foreach_move_towards(tensors, targets, weight)
     for tensor, want in zip(tensors, expected, strict=True):
         torch.testing.assert_close(tensor, want, rtol=0, atol=0)
+
+
+def test_callback_state_key_is_the_class_name_and_the_key() -> None:
+    from lightning.pytorch import Callback
+
+    assert _lightning.callback_state_key(Callback(), key="a") == "Callback{'key': 'a'}"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
-from torchmetrics.utilities.data import dim_zero_sum
 
 from lightning_gan import parzen
 from lightning_gan.parzen import (
@@ -138,7 +137,11 @@ def test_metric_states_reduce_by_sum(data):
     mean, se = rank0.compute()
     assert mean.item() == pytest.approx(ll.mean(), rel=1e-6)
     assert se.item() == pytest.approx(ll.std(ddof=0) / math.sqrt(len(ll)), rel=1e-4)
-    assert rank0._reductions == dict.fromkeys(("sum", "sum_sq", "count"), dim_zero_sum)
+    # the reduction across processes, here over two ranks with rank 0's states: every state is summed
+    states = {name: getattr(rank0, name).clone() for name in ("sum", "sum_sq", "count")}
+    rank0.sync(dist_sync_fn=lambda tensor, group=None: [tensor, tensor], distributed_available=lambda: True)
+    for name, state in states.items():
+        torch.testing.assert_close(getattr(rank0, name), 2 * state, rtol=0, atol=0, msg=name)
 
 
 def test_metric_takes_images_and_keeps_samples_out_of_state(data):
@@ -149,10 +152,13 @@ def test_metric_takes_images_and_keeps_samples_out_of_state(data):
     assert metric.compute()[0].item() == pytest.approx(reference_ll(x, samples, 0.2).mean(), rel=1e-6)
     assert "samples" in dict(metric.named_buffers())
     assert "samples" not in metric.state_dict()
-    assert metric._centres is not None
-    metric.to("cpu")  # a move drops the cached centred copy; the states survive
-    assert metric._centres is None
-    assert metric.count.item() == 37
+    cached = metric._centres
+    assert cached is not None and cached.y is metric.samples
+    metric.double()  # a move (here of dtype) replaces the samples: the cached centred copy is made again from them
+    metric.update(x[:1].double())
+    assert metric._centres is not cached and metric._centres.y is metric.samples
+    assert metric._centres.dtype == torch.float64
+    assert metric.count.item() == 38  # the states survive
     metric.reset()
     metric.update(x[:5])
     assert metric.count.item() == 5

@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_every
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import BatchSampler, DistributedSampler, TensorDataset
 
 from lightning_gan import (
     GAN,
@@ -34,8 +34,10 @@ from lightning_gan import (
     ParzenEvaluation,
     SampleGrid,
 )
+from lightning_gan._lightning import set_sigterm_flag
 from lightning_gan.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, check_writable
 from lightning_gan.cli import build_cli
+from lightning_gan.data import InMemoryTensors, _whole_batch
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
 from lightning_gan.resume import EpochRandomSampler, ResumableDataLoader
 
@@ -236,28 +238,35 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> N
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives() -> None:
+def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[int] = []
-    connector = SimpleNamespace(received_sigterm=False, _original_handlers={})
-    launcher = SimpleNamespace(kill=killed.append)
-    strategy = SimpleNamespace(launcher=launcher)
-    trainer = SimpleNamespace(world_size=2, global_step=0, _signal_connector=connector, strategy=strategy)
+    trainer, step = quiet_trainer(), {"global": 0}
+    monkeypatch.setattr(Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(Trainer, "global_step", property(lambda self: step["global"]))
+    monkeypatch.setattr(type(trainer.strategy), "launcher", property(lambda self: SimpleNamespace(kill=killed.append)))
+    module = SimpleNamespace(device=torch.device("cpu"))
 
     def lightnings_handler(signum: int, frame: Any) -> None:  # sets the flag that stops this rank alone
-        connector.received_sigterm = True
+        set_sigterm_flag(trainer, True)
 
     before = signal.signal(signal.SIGTERM, lightnings_handler)
-    interrupt = InterruptCheckpoint()
+    interrupt = InterruptCheckpoint(sync_every_n_steps=2)
     try:
-        interrupt.on_train_start(trainer, None)
+        interrupt.on_train_start(trainer, module)
         signal.raise_signal(signal.SIGTERM)  # e.g. while another callback ends a validation
         signal.raise_signal(signal.SIGTERM)
-        assert interrupt._stop_requested and not connector.received_sigterm
+        assert not trainer.received_sigterm  # noted, but this rank does not stop alone
         assert killed == [signal.SIGTERM]  # passed on once to the processes this one launched
-        interrupt.on_train_end(trainer, None)
+        step["global"] = 1
+        interrupt.on_train_batch_end(trainer, module, None, None, 0)
+        assert not trainer.received_sigterm  # between two agreements
+        step["global"] = 2
+        interrupt.on_train_batch_end(trainer, module, None, None, 1)
+        assert trainer.received_sigterm  # the ranks agreed on the noted request (one process here: its own)
+        interrupt.on_train_end(trainer, module)
         assert signal.getsignal(signal.SIGTERM) is lightnings_handler
     finally:
-        interrupt._restore_handler()
+        interrupt.teardown(trainer, module, "fit")
         signal.signal(signal.SIGTERM, before)
 
 
@@ -293,6 +302,43 @@ def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
     in_order = ResumableDataLoader(data, batch_size=3)  # no shuffling: no epoch to count
     in_order.load_state_dict({"epoch": None, "batches": 6, "seed": None})  # a finished pass: the next is whole
     assert len([batch for batch in in_order]) == 6
+
+
+def test_a_loader_given_a_batch_sampler_keeps_its_own_stacks_device_indices_and_skipping() -> None:
+    # how Lightning re-creates the loader under DDP: around a batch sampler of its DistributedSampler
+    data = InMemoryTensors(torch.arange(40.0))
+    shard = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=5)
+
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(
+            data,
+            batch_sampler=BatchSampler(shard, batch_size=2, drop_last=True),
+            collate_fn=_whole_batch,
+            stack_batches=2,
+            index_device=torch.device("cpu"),
+        )
+
+    order = list(shard)  # this rank's 20 examples of epoch 0
+    full = loader()
+    assert full.sampler is shard and full.batch_size == 2 and full.drop_last and len(full) == 5
+    stacks = [images for (images,) in full]
+    assert [s.tolist() for s in stacks] == [torch.tensor(order[i : i + 4]).view(2, 2).tolist() for i in range(0, 20, 4)]
+    partial = loader()
+    iterator = iter(partial)
+    _ = [next(iterator) for _ in range(2)]
+    resumed = loader()
+    resumed.load_state_dict(partial.state_dict())
+    assert [images.tolist() for (images,) in resumed] == [s.tolist() for s in stacks[2:]]
+
+
+def test_the_loader_refuses_what_it_cannot_resume() -> None:
+    data = TensorDataset(torch.arange(6.0))
+    with pytest.raises(ValueError, match="hands out batches: pass a `batch_size`"):
+        ResumableDataLoader(data, batch_size=None)
+    with pytest.raises(TypeError, match="pass a `BatchSampler`"):
+        ResumableDataLoader(data, batch_sampler=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        ResumableDataLoader(data, batch_size=2, batch_sampler=BatchSampler(range(6), 2, drop_last=False))
 
 
 def test_runs_built_in_python_resume_with_weights_only_loading(tmp_path: Path) -> None:
@@ -685,7 +731,7 @@ class SignalOnRankZero(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_rank == 0 and trainer.global_step == 4:
-            trainer._signal_connector.received_sigterm = True
+            set_sigterm_flag(trainer, True)
 
 
 class RecordStop(Callback):
@@ -696,9 +742,9 @@ class RecordStop(Callback):
         self.folder = folder
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer._signal_connector.received_sigterm:
+        if trainer.received_sigterm:
             (self.folder / f"stop{trainer.global_rank}").write_text(str(trainer.global_step))
-            trainer._signal_connector.received_sigterm = False
+            set_sigterm_flag(trainer, False)
             trainer.should_stop = True
 
 
@@ -723,7 +769,7 @@ class SignalOnRankZeroWhileValidating(Callback):
 
     def _signal(self, trainer: Trainer) -> None:
         if trainer.global_rank == 0 and not trainer.sanity_checking and trainer.current_epoch == 0:
-            trainer._signal_connector.received_sigterm = True
+            set_sigterm_flag(trainer, True)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.when == "batch" and batch_idx == 0:
