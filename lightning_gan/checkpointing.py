@@ -35,7 +35,6 @@ from typing_extensions import override
 
 from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_handler_before_lightning
 from lightning_gan.checks import check_positive_int
-from lightning_gan.distributed import all_reduce
 from lightning_gan.figures import run_dir
 from lightning_gan.files import atomic_write
 
@@ -173,7 +172,7 @@ class InterruptCheckpoint(Callback):
         interval = trainer.global_step // self.sync_every_n_steps
         if interval != self._synced_interval:
             self._synced_interval = interval
-            if all_reduce(torch.tensor(float(self._stop_requested), device=pl_module.device), "max").item() > 0:
+            if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
                 set_sigterm_flag(trainer, True)
 
     @override
