@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_gan import MatmulPrecision
 from lightning_gan.cli import build_cli
+
+# The folder holding MNIST/raw/ (the four IDX files): $LIGHTNING_GAN_DATA_ROOT, else the package's default `data`.
+DATA_ROOT = Path(os.environ.get("LIGHTNING_GAN_DATA_ROOT", "data"))
 
 
 def load_cli(config: Path, data_dir: Path, *overrides: str) -> LightningCLI:

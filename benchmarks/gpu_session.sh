@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_session.sh profile             # on the GPU: kernels per update, replays with and without TF32
 #
 # `prepare` needs pip with access to PyPI and MNIST's four IDX files (LIGHTNING_GAN_DATA_ROOT, default
-# ../shared/datasets). The GPU machine needs a python3 with pip, torch, lightning, torchvision, torchmetrics, scipy,
+# data, the package's download folder). The GPU machine needs a python3 with pip, torch, lightning, torchvision, torchmetrics, scipy,
 # h5py, rich and pytest; the wheels bring what LightningCLI needs besides (jsonargparse and its signature helpers).
 # Results are written under $OUT (default benchmarks/results).
 set -euo pipefail
@@ -29,7 +29,7 @@ use_wheels() {
 
 case "${1:-}" in
 prepare)
-    raw="${LIGHTNING_GAN_DATA_ROOT:-../shared/datasets}/MNIST/raw"
+    raw="${LIGHTNING_GAN_DATA_ROOT:-data}/MNIST/raw"
     mkdir -p .device-data/MNIST/raw .device-wheels
     install -m 644 "$raw"/*-ubyte .device-data/MNIST/raw/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .device-wheels "${WHEELS[@]}"

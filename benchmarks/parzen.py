@@ -157,9 +157,7 @@ def fmt_mem(nbytes: float | None) -> str:
 
 
 def main() -> None:
-    default_root = os.environ.get(
-        "LIGHTNING_GAN_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "datasets"
-    )
+    default_root = os.environ.get("LIGHTNING_GAN_DATA_ROOT", "data")  # the folder holding MNIST/raw/
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")

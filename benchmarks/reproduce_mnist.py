@@ -1,6 +1,6 @@
 """Reproduce Table 1 (MNIST): train a config for a time or epoch budget, evaluating the paper's Parzen protocol.
 
-    python benchmarks/reproduce_mnist.py --config configs/mnist.yaml --data-dir ../shared/datasets --minutes 8
+    python benchmarks/reproduce_mnist.py --config configs/mnist.yaml --data-dir data --minutes 8
 
 Every ``--eval-every`` epochs: 10,000 samples from the generator; sigma chosen on 1,000 validation images over
 logspace(-1, 0, 10); then the mean log-likelihood (± standard error, numpy ddof=0) of the 10,000 test images. Writes
@@ -28,7 +28,7 @@ from lightning_gan.parzen import parzen_log_likelihood, select_sigma
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import bench_trainer, load_cli, resolve_accelerator, sync  # noqa: E402
+from bench_common import DATA_ROOT, bench_trainer, load_cli, resolve_accelerator, sync  # noqa: E402
 
 COLUMNS = ["epoch", "train_seconds", "steps_per_s", "sigma", "val_ll", "test_ll", "test_se"]
 
@@ -124,7 +124,7 @@ class ParzenTable(Callback):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist.yaml")
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--data-dir", type=Path, default=DATA_ROOT)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="names the output files (default: the config's name)")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Training throughput of a config through lightning-gan against plain PyTorch loops doing the same math.
 
-    python benchmarks/throughput.py --config configs/mnist.yaml --data-dir ../shared/datasets
+    python benchmarks/throughput.py --config configs/mnist.yaml --data-dir data
 
 Prints steps/s (training batches per second, median of ``--repeats`` interleaved runs) of:
 
@@ -51,7 +51,7 @@ from lightning.pytorch import Callback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from bench_common import bench_trainer, load_cli, sync  # noqa: E402
+from bench_common import DATA_ROOT, bench_trainer, load_cli, sync  # noqa: E402
 
 from lightning_gan import GAN  # noqa: E402
 from lightning_gan.graphed import CudaGraphRunner, GraphedUpdates, graph_constants  # noqa: E402
@@ -223,7 +223,7 @@ def plain_steps_per_s(config: Path, data_dir: Path, steps: int, warmup: int, dev
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist.yaml")
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--data-dir", type=Path, default=DATA_ROOT)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,7 @@
 """Where the fast path's update spends the GPU's time: kernels per update, and the captured update's speed at each
 float32 matmul precision.
 
-    python benchmarks/update_profile.py --data-dir ../shared/datasets
+    python benchmarks/update_profile.py --data-dir data
 
 For each config (``configs/mnist.yaml`` and ``configs/mnist_fast.yaml`` by default), with the fast path's flags: a
 short fit, then 20 of its updates run eagerly under ``torch.profiler`` (kernels per update, the device's kernel time
@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import bench_trainer, sync  # noqa: E402
+from bench_common import DATA_ROOT, bench_trainer, sync  # noqa: E402
 from throughput import FAST_PATH, load, replay_steps_per_s  # noqa: E402
 
 from lightning_gan.graphed import CudaGraphRunner  # noqa: E402
@@ -65,7 +65,7 @@ class KernelProfile(Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--data-dir", type=Path, default=DATA_ROOT)
     parser.add_argument(
         "--configs", type=Path, nargs="+", default=[ROOT / "configs" / f"{c}.yaml" for c in ("mnist", "mnist_fast")]
     )
