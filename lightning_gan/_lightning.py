@@ -6,11 +6,12 @@ still works, and fails naming the function to update when a release changes it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
@@ -20,11 +21,6 @@ def instantiated_by_cli() -> bool:
     """Whether the module being built is instantiated by LightningCLI, which then hands it the parsed config as its
     hyperparameters (Lightning 2.6: ``hparams_mixin._given_hyperparameters``, set by the CLI's instantiator)."""
     return _given_hyperparameters.get() is not None
-
-
-def attached_trainer(module: LightningModule) -> Trainer | None:
-    """The module's trainer, or ``None`` when it has none (the public ``module.trainer`` raises then)."""
-    return module._trainer
 
 
 def count_optimizer_step(trainer: Trainer) -> None:
@@ -49,7 +45,8 @@ def logged_steps(trainer: Trainer) -> int:
 
 
 def set_logged_steps(trainer: Trainer, count: int) -> None:
-    """Set the count of :func:`logged_steps` (restored by Lightning from a checkpoint only when fitting)."""
+    """Set the count of :func:`logged_steps`, which Lightning restores from a checkpoint only when fitting
+    (Lightning 2.6: ``fit_loop.epoch_loop._batches_that_stepped``)."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = count
 
 
@@ -66,7 +63,8 @@ def callback_state_key(callback: Callback, **key: Any) -> str:
 
 
 def sigterm_flag(trainer: Trainer) -> bool:
-    """Lightning's SIGTERM flag, which stops the fit loop after the current batch with a ``SIGTERMException``."""
+    """Lightning's SIGTERM flag, which stops the fit loop after the current batch with a ``SIGTERMException``
+    (public: ``trainer.received_sigterm``; here beside its setter, which is not)."""
     return trainer.received_sigterm
 
 
@@ -78,11 +76,18 @@ def set_sigterm_flag(trainer: Trainer, value: bool) -> None:
 def sigterm_handler_before_lightning(trainer: Trainer) -> Callable[..., Any] | None:
     """The SIGTERM handler installed before Lightning's own, if it is callable (Lightning 2.6:
     ``trainer._signal_connector._original_handlers``)."""
-    handler = trainer._signal_connector._original_handlers.get(__import__("signal").SIGTERM)
+    handler = trainer._signal_connector._original_handlers.get(signal.SIGTERM)
     return handler if callable(handler) else None
 
 
 # ---------------------------------------------------------------------------------------------- torch internals
+def float_last_lrs(scheduler_state: Mapping[str, Any]) -> None:
+    """Make the learning rates a scheduler's state dict last returned into floats, as an eager run saves them
+    (torch 2.14: an ``LRScheduler.state_dict()`` holds them under ``"_last_lr"``); a no-op where it has none."""
+    if "_last_lr" in scheduler_state:
+        scheduler_state["_last_lr"] = [float(lr) for lr in scheduler_state["_last_lr"]]
+
+
 def foreach_move_towards(tensors: list[Tensor], targets: list[Tensor], weight: Tensor) -> None:
     """``tensor += weight * (target - tensor)`` for each pair, in three multi-tensor kernels (one per element-wise
     operation, so each rounds as the per-tensor operations do); ``weight``: a 0-d tensor on their device. torch has

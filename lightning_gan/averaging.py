@@ -94,13 +94,11 @@ class GeneratorAverage:
         self._offset = 0  # updates - the fit's generator updates, fixed when a fit starts
         self._weight: Tensor | None = None  # the step size, a 0-d tensor on the weights' device
 
-    def check_precision(self) -> None:
-        """Refuse 16-bit weights, once the precision plugin has converted them (when fitting starts)."""
-        check_precision(self.module, self.decay)
-
     def start_fit(self, generator_updates: int) -> None:
-        """When training starts, at ``generator_updates`` (restored by a resume, else 0): count on from the updates
-        followed so far, so that a second fit of a trained module goes on averaging instead of starting over."""
+        """When training starts, at ``generator_updates`` (restored by a resume, else 0): refuse 16-bit weights (the
+        precision plugin has converted them by now), and count on from the updates followed so far, so that a second
+        fit of a trained module goes on averaging instead of starting over."""
+        check_precision(self.module, self.decay)
         self._offset = self.updates - generator_updates
         self._weight = None
 

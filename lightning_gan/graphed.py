@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gan._lightning import float_last_lrs
 from lightning_gan.guards import NonFiniteGuard
 
 GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -251,8 +252,7 @@ class CudaGraphRunner:
         for state, saved in zip(checkpoint.get("optimizer_states", []), self.user_settings, strict=False):
             restore_settings(state, saved)
         for scheduler in checkpoint.get("lr_schedulers", []):
-            if "_last_lr" in scheduler:
-                scheduler["_last_lr"] = [float(lr) for lr in scheduler["_last_lr"]]
+            float_last_lrs(scheduler)
 
 
 def _step(optimizer: Any) -> None:

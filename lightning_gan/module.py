@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -34,17 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_gan._lightning import (
-    attached_trainer,
     count_optimizer_step,
     instantiated_by_cli,
     should_update_logs,
 )
-from lightning_gan.averaging import GeneratorAverage, check_decay, fit_average_to
+from lightning_gan.averaging import GeneratorAverage, fit_average_to
+from lightning_gan.checks import check_positive_int
 from lightning_gan.graphed import CudaGraphRunner, check_graph_fits, check_graph_safe, graph_constants
 from lightning_gan.guards import NonFinite, NonFiniteGuard, check_architecture
 from lightning_gan.nets import eval_forward
 from lightning_gan.resume import restore_resume_state, resume_state, save_resume_state
-from lightning_gan.sampling import seeded_noise
+from lightning_gan.sampling import datamodule_images, seeded_noise
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 from lightning_gan.stacking import StackedSteps, stack_size
 from lightning_gan.stepping import SchedulerStepper
@@ -59,7 +59,7 @@ BATCH_ERROR = (
     "GAN.real_images takes the images from a batch that is a tensor or an (images, labels) sequence, but got {}: "
     "override `real_images(self, batch)` in a subclass to return yours."
 )
-CODE = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]  # not hyperparameters
+NOT_HPARAMS = ["generator", "discriminator", "generator_optimizer", "discriminator_optimizer"]  # code, not numbers
 
 
 class GAN(LightningModule):
@@ -97,8 +97,8 @@ class GAN(LightningModule):
         nonfinite: NonFinite = "stop", cuda_graph: bool = False, ema_decay: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        check_arguments(generator, k, schedule, generator_loss, lr_decay, nonfinite, cuda_graph, ema_decay)
-        self.save_hyperparameters(ignore=[] if instantiated_by_cli() else CODE)  # see docs/architecture.md
+        check_arguments(generator, k, schedule, generator_loss, lr_decay, nonfinite, cuda_graph)
+        self.save_hyperparameters(ignore=[] if instantiated_by_cli() else NOT_HPARAMS)  # see docs/architecture.md
         self.automatic_optimization = False
         self.generator, self.discriminator = generator, discriminator
         self.k, self.schedule, self.generator_loss, self.nonfinite = k, schedule, generator_loss, nonfinite
@@ -111,6 +111,7 @@ class GAN(LightningModule):
         self.generator_ema = self.average.module if self.average is not None else None
         self._guard = NonFiniteGuard(nonfinite, discriminator, generator)
         self.graph_runner: CudaGraphRunner | None = None  # while the fast path trains
+        self._stepper: SchedulerStepper | None = None  # while training
         self._last_g_loss: Tensor | None = None  # logged on steps without a generator update (k > 1)
         self._loader_stacks = False  # whether the training loader stacks batches (set when training starts)
         self._fresh_weights = True  # neither trained nor loaded: a fit sets the output bias from the data
@@ -172,16 +173,16 @@ class GAN(LightningModule):
             d_loss, g_loss, real_logits, fake_logits = self._update(
                 real, generator_step, self.manual_backward, allows, partial(self._lightning_step, step)
             )
-        else:
-            update = (real, generator_step, constants, step, self.current_epoch, log)
-            d_loss, g_loss, d_real, d_fake = self.graph_runner(*update)
+            d_real, d_fake = _mean_outputs(real_logits.detach(), fake_logits.detach()) if log else (None, None)
+        else:  # the graph's statistics hold the means of D's outputs
+            graphed = self.graph_runner(real, generator_step, constants, step, self.current_epoch, log)
+            d_loss, g_loss, d_real, d_fake = graphed
             self._stepper.after_step(step, self.k, generator=generator_step)
         count_optimizer_step(self.trainer)
         if generator_step:
             self._last_g_loss = g_loss.detach()
-        if log:  # the graph's means come with its statistics
-            means = (d_real, d_fake) if self.graph_runner else _mean_outputs(real_logits.detach(), fake_logits.detach())
-            self._log_step("train", d_loss, self._last_g_loss, *means)
+        if log:
+            self._log_step("train", d_loss, self._last_g_loss, d_real, d_fake)
 
     def _update(self, real: Tensor, generator_step: bool, backward: Backward, allows: Allows, step: Step) -> Losses:
         """One update on ``real``, eager or in a CUDA graph: gradients by ``backward``, applied where ``allows(d_loss,
@@ -294,8 +295,7 @@ class GAN(LightningModule):
             self.log_dict(optimizer_settings(self.trainer.optimizers, skipped), on_step=True, on_epoch=False)
 
     def setup(self, stage: str) -> None:
-        trainer = attached_trainer(self)
-        if trainer is None:
+        if (trainer := attached_trainer(self)) is None:
             return
         if stage == "fit" and trainer.world_size > 1:  # each rank its own noise and dropout (see docs/distributed.md)
             torch.manual_seed(torch.initial_seed() + self.global_rank)
@@ -309,8 +309,6 @@ class GAN(LightningModule):
 
     def on_fit_start(self) -> None:
         check_ddp(self.trainer.strategy.model)
-        if self.average is not None:
-            self.average.check_precision()
 
     def on_train_start(self) -> None:
         trainer, self._fresh_weights = self.trainer, False
@@ -402,11 +400,9 @@ def check_arguments(
     lr_decay: float,
     nonfinite: str,
     cuda_graph: bool,
-    ema_decay: float | None,
 ) -> None:
     """The checks of :class:`GAN`'s arguments (see its ``Raises``)."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"Expected `k` to be a positive integer, but got {k!r}.")
+    check_positive_int("k", k)
     if schedule not in ("alternating", "simultaneous"):
         raise ValueError(f"Expected `schedule` to be 'alternating' or 'simultaneous', but got {schedule!r}.")
     if schedule == "simultaneous" and k != 1:
@@ -423,14 +419,11 @@ def check_arguments(
             f"The generator {type(generator).__name__} needs an attribute `noise_dim` and a method "
             "`sample_noise(n, device)`; see lightning_gan.MLPGenerator for an example."
         )
-    if nonfinite not in ("stop", "skip"):
-        raise ValueError(f"Expected `nonfinite` to be 'stop' or 'skip', but got {nonfinite!r}.")
     if cuda_graph and nonfinite == "skip":
         raise ValueError(
             "`nonfinite='skip'` decides on the host before every update, which a CUDA graph cannot wait for: use "
             "`nonfinite: stop` with `cuda_graph: true`, or `cuda_graph: false`."
         )
-    check_decay(ema_decay)
 
 
 def make_optimizer(name: str, factory: Any, network: nn.Module, graph_safe: bool) -> Optimizer:
@@ -469,8 +462,8 @@ def check_optimizers(optimizers: Sequence[Optimizer], discriminator: nn.Module, 
 
 def check_image_shape(gan: GAN, datamodule: Any) -> None:
     """Refuse networks built for images of another shape than the datamodule's, naming the key to set."""
-    images = getattr(getattr(getattr(datamodule, "splits", None), "train", None), "images", None)
-    if not isinstance(images, Tensor):
+    images = datamodule_images(datamodule, "train", needed_by=None)
+    if images is None:
         return
     shape = tuple(images.shape[1:])
     for name, attribute in (("discriminator", "in_shape"), ("generator", "out_shape")):
@@ -518,3 +511,11 @@ def init_output_bias(generators: list[nn.Module | None], datamodule: Any) -> Non
     marginals = pixel_mean()
     for generator in filter(None, generators):
         generator.init_output_bias(marginals)
+
+
+def attached_trainer(module: LightningModule) -> Trainer | None:
+    """The module's trainer, or ``None`` when it has none (where ``module.trainer`` raises)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None

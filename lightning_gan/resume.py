@@ -31,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from typing_extensions import override
 
 from lightning_gan._lightning import logged_steps, set_logged_steps
+from lightning_gan.checks import check_positive_int
 from lightning_gan.distributed import all_gather_object
 
 __all__ = ["EpochRandomSampler", "ResumableDataLoader", "rng_state", "set_rng_state"]
@@ -257,8 +258,7 @@ class ResumableDataLoader(DataLoader):
             sampler, batch_size, drop_last = batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
         if shuffle and sampler is not None:
             raise ValueError("ResumableDataLoader: `sampler` and `shuffle=True` exclude each other; pass one of them.")
-        if stack_batches < 1:
-            raise ValueError(f"ResumableDataLoader: expected `stack_batches` >= 1, but got {stack_batches}.")
+        check_positive_int("stack_batches", stack_batches)
         if stack_batches > 1 and not (batch_size and drop_last):
             raise ValueError(
                 "ResumableDataLoader: `stack_batches` > 1 stacks batches of one size: pass `batch_size` and "

@@ -21,14 +21,18 @@ def seeded_noise(generator: nn.Module, n: int, seed: int, device: torch.device |
 def sampling_generator(module: nn.Module) -> nn.Module:
     """The generator to draw figures and evaluations from: ``module.sampling_generator`` (the GAN's weight average,
     when it keeps one), else ``module.generator``."""
-    return getattr(module, "sampling_generator", None) or module.generator
+    sampler = getattr(module, "sampling_generator", None)
+    return sampler if sampler is not None else module.generator
 
 
-def datamodule_images(datamodule: Any, split: str, needed_by: str) -> Tensor:
-    """``datamodule.splits.<split>.images`` (N, C, H, W), or a ``ValueError`` saying what is missing."""
+def datamodule_images(datamodule: Any, split: str, needed_by: str | None) -> Tensor | None:
+    """``datamodule.splits.<split>.images`` (N, C, H, W). Missing, they are ``None`` where ``needed_by`` is ``None``,
+    else a ``ValueError`` saying what ``needed_by`` needs."""
     splits = getattr(datamodule, "splits", None)
     images = getattr(getattr(splits, split, None), "images", None)
     if not isinstance(images, Tensor):
+        if needed_by is None:
+            return None
         raise ValueError(
             f"{needed_by} needs the {split} images as `trainer.datamodule.splits.{split}.images` (N, C, H, W); "
             "train with lightning_gan.GANDataModule (or a datamodule that provides them)."

@@ -1,5 +1,5 @@
 """The convolutional CIFAR-10 pair (DeconvGenerator, ConvMaxoutDiscriminator), the fully connected TFD generator's
-sparse init, and the three new configs' numbers against the authors' (PAPER.md). Small widths throughout."""
+sparse init, and the three new configs' numbers against the authors' YAML files. Small widths throughout."""
 
 from __future__ import annotations
 

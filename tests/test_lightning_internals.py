@@ -36,7 +36,7 @@ class CountsByHand(LightningModule):
         self.seen: list[tuple[int, bool, int]] = []
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        trainer = _lightning.attached_trainer(self)
+        trainer = self.trainer
         self.seen.append(
             (trainer.global_step, _lightning.should_update_logs(trainer), _lightning.logged_steps(trainer))
         )
@@ -49,10 +49,8 @@ class CountsByHand(LightningModule):
         return DataLoader(torch.zeros(4, 1), batch_size=1)
 
 
-def test_step_counting_logging_and_the_trainer_reference() -> None:
+def test_step_counting_and_logging() -> None:
     module = CountsByHand()
-    with internal("attached_trainer"):
-        assert _lightning.attached_trainer(module) is None
     trainer = quiet_trainer(max_epochs=1, log_every_n_steps=2, enable_checkpointing=False)
     with internal("count_optimizer_step / should_update_logs / logged_steps"):
         trainer.fit(module)
@@ -106,4 +104,13 @@ def test_foreach_move_towards_rounds_as_the_per_tensor_operations() -> None:
 def test_callback_state_key_is_the_class_name_and_the_key() -> None:
     from lightning.pytorch import Callback
 
-    assert _lightning.callback_state_key(Callback(), key="a") == "Callback{'key': 'a'}"
+    with internal("callback_state_key"):
+        assert _lightning.callback_state_key(Callback(), key="a") == "Callback{'key': 'a'}"
+
+
+def test_float_last_lrs_reads_the_key_a_scheduler_saves() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=torch.tensor(0.5))
+    state = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5).state_dict()
+    with internal("float_last_lrs"):
+        _lightning.float_last_lrs(state)
+        assert state["_last_lr"] == [0.5] and all(type(lr) is float for lr in state["_last_lr"])

@@ -613,3 +613,15 @@ def test_sample_from_a_64_bit_model_draws_in_its_dtype() -> None:
     gan = GAN(*tiny_nets(), ema_decay=0.9).double()  # from the average too
     samples = gan.sample(5)
     assert samples.dtype == torch.float64 and samples.shape == (5, 1, 2, 2)
+
+
+def test_attached_trainer_is_none_before_a_fit_and_the_trainer_after() -> None:
+    from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_gan.module import attached_trainer
+
+    module = LightningModule()
+    assert attached_trainer(module) is None
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer = trainer
+    assert attached_trainer(module) is trainer

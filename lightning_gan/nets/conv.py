@@ -1,4 +1,5 @@
-"""The convolutional networks of Goodfellow et al. (2014), the authors' CIFAR-10 pair (``cifar10_convolutional.yaml``).
+"""The convolutional networks of Goodfellow et al. (2014), the authors' CIFAR-10 pair (their
+``cifar10_convolutional.yaml``; here ``configs/cifar10_conv.yaml``).
 
 * :class:`DeconvGenerator`: fully connected layers, reshaped into feature maps, then one transposed convolution.
 * :class:`ConvMaxoutDiscriminator`: maxout convolutions with max pooling, a maxout layer and a single logit, with

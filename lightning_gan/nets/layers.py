@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_gan.checks import check_positive_int
+
 Activation = Literal["relu", "sigmoid", "tanh", "linear"]
 NoiseDistribution = Literal["uniform", "gaussian"]
 
@@ -54,8 +56,7 @@ def check_max_norms(**max_norms: float | None) -> None:
 
 def check_generator_args(noise_dim: int, noise: str, output_activation: str) -> None:
     """Refuse a generator's noise dimension, noise distribution or output activation that cannot work."""
-    if noise_dim < 1:
-        raise ValueError(f"Expected `noise_dim` >= 1, but got {noise_dim}.")
+    check_positive_int("noise_dim", noise_dim)
     if noise not in ("uniform", "gaussian"):
         raise ValueError(f"Expected `noise` to be 'uniform' or 'gaussian', but got {noise!r}.")
     if output_activation not in ("sigmoid", "linear"):
@@ -127,8 +128,8 @@ class Maxout(nn.Module):
 
     def __init__(self, in_features: int, units: int, pieces: int) -> None:
         super().__init__()
-        if units < 1 or pieces < 1:
-            raise ValueError(f"Expected `units` and `pieces` >= 1, but got units={units}, pieces={pieces}.")
+        check_positive_int("units", units)
+        check_positive_int("pieces", pieces)
         self.units, self.pieces = units, pieces
         self.linear = nn.Linear(in_features, units * pieces)
 
