@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_NETS
-from test_golden import RECORDED_ON
 
 from lightning_gan import GAN
 from lightning_gan.cli import build_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESUMED_ON = ("AVX2", "AVX512")  # CPU kernel sets the digests were recorded with; both gave these
 RESUMED = {  # SHA-256 of the resumed run's state dict, recorded on 0.1.0
     "mnist": "de9e643d17e39873244a58aba67041eb36f542b38f62bb4a6dd6b9978214e0a6",
     "mnist_fast": "462e9cc6248fe6d78a582b03719c8277847e914f1bcdf6bab79b0eee565133a9",
@@ -65,5 +65,5 @@ def test_an_old_checkpoint_is_tested_and_resumed_through_the_cli(name: str, mnis
                  "--trainer.limit_val_batches=0", "--seed_everything=0")
     )  # fmt: skip
     assert resumed.trainer.global_step == start + 10
-    if torch.backends.cpu.get_cpu_capability() == RECORDED_ON:  # other CPU kernels may round differently
+    if torch.backends.cpu.get_cpu_capability() in RESUMED_ON:  # other CPU kernels may round differently
         assert state_digest(resumed.model) == RESUMED[name]

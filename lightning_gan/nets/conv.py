@@ -27,6 +27,7 @@ from lightning_gan.nets.layers import (
     check_generator_args,
     check_keep_probs,
     check_max_norms,
+    clip_layer_norms_,
     clip_norms_,
     draw_noise,
     init_uniform_,
@@ -111,11 +112,7 @@ class ConvMaxoutDiscriminator(nn.Module):
     @torch.no_grad()
     def apply_constraints(self) -> None:
         """Clip kernel norms to ``max_kernel_norm`` and incoming weight norms to ``max_col_norm`` (None: no-op)."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                clip_norms_(module.weight, self.max_kernel_norm)
-            elif isinstance(module, nn.Linear):
-                clip_norms_(module.weight, self.max_col_norm)
+        clip_layer_norms_(self.modules(), {nn.Conv2d: self.max_kernel_norm, nn.Linear: self.max_col_norm})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)  # (B,) logits
@@ -220,9 +217,7 @@ class DeconvGenerator(nn.Module):
     @torch.no_grad()
     def apply_constraints(self) -> None:
         """Clip fully connected column norms and deconvolution kernel norms (no-op where the limit is None)."""
-        for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                clip_norms_(module.weight, self.max_col_norm)
+        clip_layer_norms_(self.mlp, {nn.Linear: self.max_col_norm})
         # ConvTranspose2d weight: (in maps, out channels, k, k); pylearn2 clips the kernel of each input map.
         clip_norms_(self.deconv.weight, self.max_kernel_norm)
 

@@ -4,7 +4,7 @@ max-norm constraint, and the checks of their arguments."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -89,6 +89,15 @@ def clip_norms_(weight: Tensor, max_norm: float | None) -> None:
     transposed convolution's the kernel of one input map."""
     if max_norm is not None:
         weight.copy_(torch.renorm(weight, p=2, dim=0, maxnorm=max_norm))
+
+
+def clip_layer_norms_(modules: Iterable[nn.Module], max_norms: Mapping[type[nn.Module], float | None]) -> None:
+    """:func:`clip_norms_` on the weight of each of ``modules`` that is of a type in ``max_norms``, to its limit."""
+    for module in modules:
+        for kind, max_norm in max_norms.items():
+            if isinstance(module, kind):
+                clip_norms_(module.weight, max_norm)
+                break
 
 
 def draw_noise(noise: str, n: int, noise_dim: int, device: torch.device | str | None = None) -> Tensor:

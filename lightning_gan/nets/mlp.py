@@ -28,7 +28,7 @@ from lightning_gan.nets.layers import (
     check_generator_args,
     check_keep_probs,
     check_max_norms,
-    clip_norms_,
+    clip_layer_norms_,
     draw_noise,
     init_uniform_,
     marginal_bias,
@@ -121,9 +121,7 @@ class MLPGenerator(nn.Module):
 
     def apply_constraints(self) -> None:
         """Clip incoming weight norms to ``max_col_norm`` (no-op when it is None)."""
-        for module in self.net:
-            if isinstance(module, nn.Linear):
-                clip_norms_(module.weight, self.max_col_norm)
+        clip_layer_norms_(self.net, {nn.Linear: self.max_col_norm})
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).view(z.shape[0], *self.out_shape)  # (B, C, H, W)
@@ -171,9 +169,7 @@ class MaxoutDiscriminator(nn.Module):
 
     def apply_constraints(self) -> None:
         """Clip incoming weight norms to ``max_col_norm`` (no-op when it is None)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                clip_norms_(module.weight, self.max_col_norm)
+        clip_layer_norms_(self.modules(), {nn.Linear: self.max_col_norm})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)  # (B,) logits
