@@ -23,7 +23,9 @@ import torch
 from lightning.pytorch import Callback
 from torchvision.utils import save_image
 
+from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import parzen_log_likelihood, select_sigma
+from lightning_gan.sampling import sampling_generator, seeded_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -66,11 +68,9 @@ class ParzenTable(Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, epoch: float) -> None:
         dm = trainer.datamodule
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            torch.manual_seed(self.args.sample_seed)
-            samples = torch.cat(
-                [pl_module.sample(min(1000, self.args.num_samples - i)) for i in range(0, self.args.num_samples, 1000)]
-            ).flatten(1)
+        generator = sampling_generator(pl_module)
+        noise = seeded_noise(generator, self.args.num_samples, self.args.sample_seed, pl_module.device)
+        samples = torch.cat([eval_forward(generator, chunk) for chunk in noise.split(1000)]).flatten(1)
         val = dm.splits.val.images[: self.args.val_size].flatten(1).to(samples.device)
         test = dm.splits.test.images[: self.args.test_size].flatten(1).to(samples.device)
         sigma, val_lls = select_sigma(val, samples)
