@@ -1,15 +1,16 @@
 """Guards of :class:`~lightning_gan.GAN` against silently wrong training: non-finite losses and parameters
 (:class:`NonFiniteGuard`), and a checkpoint from other networks (:func:`check_architecture`).
 
-Cost of the non-finite check: one ``isfinite`` on the step's one or two loss scalars per update. On the CPU the
-value is read at once (no device to wait for). On an accelerator, reading it back is a host-device sync, so with
-``nonfinite="stop"`` the first bad (step, network) is kept on the device and read every ``log_every_n_steps`` steps
-(where Lightning reads the logged losses anyway), at every epoch end and before every checkpoint is written: no sync
-per step, the error still names the first bad step, and no checkpoint after it is ever written. ``"skip"`` must
-decide before each update, so it reads the flag every update (one sync per update on an accelerator). Under DDP the
-decision is reduced over the ranks (max), so that every rank skips or stops at the same update: an all-reduce per
-update for ``"skip"``, per check for deferred ``"stop"``. Parameters are checked (one pass over the weights) only
-before a checkpoint is written and when a loss is non-finite: a non-finite weight shows in the next step's loss.
+What the non-finite check costs (one ``isfinite`` on the step's one or two loss scalars per update):
+
+- On the CPU the flag is read at once: there is no device to wait for.
+- On an accelerator, ``"stop"`` keeps the first bad (step, network) on the device and reads it every
+  ``log_every_n_steps`` steps (where Lightning reads the logged losses anyway), at every epoch end and before every
+  checkpoint: no sync per step, the error still names the first bad step, and no checkpoint after it is written.
+- ``"skip"`` must decide before each update, so it reads the flag every update (one host-device sync each).
+- Under DDP the decision is reduced over the ranks (max), so that all ranks skip or stop at the same update.
+- Parameters are checked (one pass over the weights) only before a checkpoint and when a loss is non-finite: a
+  non-finite weight shows in the next step's loss.
 """
 
 from __future__ import annotations
