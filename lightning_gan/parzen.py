@@ -16,8 +16,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_gan.checks import check_positive_int
-
 __all__ = [
     "ParzenLogLikelihood",
     "nearest_neighbours",
@@ -35,8 +33,8 @@ _EXP2_FLOOR = {torch.float32: -120.0, torch.float64: -1000.0}  # exp2 underflows
 
 def _chunks(device: torch.device, chunk_x: int | None, chunk_y: int | None) -> tuple[int, int]:
     for name, value in (("chunk_x", chunk_x), ("chunk_y", chunk_y)):
-        if value is not None:
-            check_positive_int(name, value)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is not a positive integer; pass e.g. {name}=1024 or None (default).")
     dx, dy = _CHUNKS["cuda" if device.type == "cuda" else "cpu"]
     return chunk_x or dx, chunk_y or dy
 

@@ -207,7 +207,7 @@ BAD_INPUTS = [
     (dict(samples=torch.rand(3)), r"samples must be 2-D \(points, features\), got shape \(3,\)"),
     (dict(x=torch.ones(4, 3, dtype=torch.uint8)), r"x has dtype torch.uint8; pass floating-point data"),
     (dict(x=np.ones((4, 3))), r"x must be a torch.Tensor, got ndarray"),
-    (dict(chunk_x=0), r"Expected `chunk_x` to be a positive integer, but got 0"),
+    (dict(chunk_x=0), r"chunk_x=0 is not a positive integer"),
     (dict(dtype=torch.float16), r"dtype=torch.float16 is not supported; use torch.float32"),
 ]
 
