@@ -45,6 +45,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BATCHES_PER_EPOCH = 5  # odd, so that with k = 2 the generator's phase crosses the epoch boundary
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers() -> Iterator[None]:
+    """Python's own SIGINT and SIGTERM handlers for each test, whatever pytest was started with (``nohup`` or a
+    background shell start it with SIGINT ignored), and the ones before restored afterwards."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def tiny_gan(cls: type[GAN] = GAN, **kwargs: Any) -> GAN:
     """Dropout on (the random state matters), k = 2, the lr decay and a momentum ramp that moves every epoch."""
     defaults: dict[str, Any] = {"k": 2, "lr_decay": 1.01, "momentum_final": 0.7, "momentum_saturate_epoch": 3}
