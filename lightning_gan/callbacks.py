@@ -24,7 +24,7 @@ from lightning_gan.checks import check_positive_int
 from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.nets import eval_forward
-from lightning_gan.parzen import ParzenLogLikelihood, select_sigma
+from lightning_gan.parzen import ParzenLogLikelihood, check_min_sigma, select_sigma
 from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
 
 # The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
@@ -119,6 +119,8 @@ class ParzenEvaluation(Callback):
             check_positive_int(name, value)
         if sigmas is not None and (len(sigmas) == 0 or not all(math.isfinite(s) and s > 0 for s in sigmas)):
             raise ValueError(f"Expected `sigmas` to be a non-empty list of positive numbers, but got {sigmas!r}.")
+        if sigmas is not None:
+            check_min_sigma("sigmas", sigmas)  # refused here, not after the first epoch's training
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.val_size = val_size

@@ -17,6 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = [
+    "MIN_SIGMA",
     "ParzenLogLikelihood",
     "nearest_neighbours",
     "pairwise_sq_dists_chunks",
@@ -28,6 +29,9 @@ __all__ = [
 # CPU every region waits for its slowest thread (1024 x 2048 was as fast alone but 1.5x slower under load).
 _CHUNKS = {"cpu": (2048, 16384), "cuda": (4096, 16384)}
 _CACHE_BYTES = 256 * 2**20  # the prepared y is kept across x-chunks up to this size
+# The smallest bandwidth accepted: the kernel's coefficient 1 / (2 sigma^2) times a squared distance must stay a
+# float32 number (sigma = 1e-30 overflowed after a whole epoch of training); far below any sensible Parzen window.
+MIN_SIGMA = 1e-4
 _EXP2_FLOOR = {torch.float32: -120.0, torch.float64: -1000.0}  # exp2 underflows (and is slow on CPU) below these
 
 
@@ -79,7 +83,18 @@ def _sigmas(sigma: float | Sequence[float] | Tensor, name: str = "sigma") -> tup
     bad = s[~(torch.isfinite(s) & (s > 0))]
     if bad.numel():
         raise ValueError(f"{name} must be finite and > 0, got {bad.tolist()}; use e.g. torch.logspace(-1, 0, 10).")
+    check_min_sigma(name, s.reshape(-1).tolist())
     return s.reshape(-1), s.ndim == 0
+
+
+def check_min_sigma(name: str, sigmas: Sequence[float]) -> None:
+    """Refuse bandwidths below :data:`MIN_SIGMA`, naming them and the fix."""
+    tiny = [s for s in sigmas if s < MIN_SIGMA]
+    if tiny:
+        raise ValueError(
+            f"{name} must be at least MIN_SIGMA = {MIN_SIGMA:g}, got {tiny}: the Parzen kernel would overflow float32 "
+            "(such a window is far narrower than any pixel scale); use e.g. torch.logspace(-1, 0, 10)."
+        )
 
 
 def _compute_dtype(x: Tensor, y: Tensor, dtype: torch.dtype | None) -> torch.dtype:

@@ -13,6 +13,7 @@ from scipy.special import logsumexp
 
 from lightning_gan import parzen
 from lightning_gan.parzen import (
+    MIN_SIGMA,
     ParzenLogLikelihood,
     nearest_neighbours,
     pairwise_sq_dists_chunks,
@@ -277,3 +278,16 @@ def test_real_mnist_accuracy_against_float64(real_mnist_root: Path):
     error = ours - ref
     assert error.abs().max().item() < 1e-2
     assert error.mean(1).abs().max().item() < 1e-3
+
+
+def test_a_sigma_below_the_floor_is_refused_and_the_floor_itself_works():
+    # 1e-30 once overflowed float32 deep inside the estimate, after a whole epoch of training
+    with pytest.raises(ValueError, match=r"sigmas must be at least MIN_SIGMA = 0\.0001, got \[1e-30\]"):
+        select_sigma(GOOD, GOOD, [1e-30, 0.1])
+    with pytest.raises(ValueError, match=r"sigma must be at least MIN_SIGMA"):
+        ParzenLogLikelihood(GOOD, 1e-5)
+    generator = torch.Generator().manual_seed(0)
+    x, samples = torch.rand(20, 784, generator=generator), torch.rand(50, 784, generator=generator)
+    ll = parzen_log_likelihood(x, samples, [MIN_SIGMA, 0.1])
+    assert torch.isfinite(ll).all()
+    np.testing.assert_allclose(ll[0].double().numpy(), reference_ll(x, samples, MIN_SIGMA), rtol=1e-5)

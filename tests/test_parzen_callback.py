@@ -172,6 +172,7 @@ def test_a_selected_sigma_is_selected_again_for_another_generator_or_validation_
         ({"val_size": -1}, "val_size"),
         ({"sigmas": [0.1, 0.0]}, "sigmas"),
         ({"sigmas": []}, "sigmas"),
+        ({"sigmas": [1e-30, 0.1]}, "sigmas must be at least MIN_SIGMA"),  # refused before training, not after it
         ({"chunk_size": 0}, "chunk_size"),
         ({"test_size": 0}, "test_size"),
     ],
