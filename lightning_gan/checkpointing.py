@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_handler_before_lightning
 from lightning_gan.checks import check_positive_int
 from lightning_gan.figures import run_dir
-from lightning_gan.files import atomic_write
+from lightning_gan.files import atomic_write, remove_orphaned_temporaries
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "check_writable", "with_safe_checkpointing"]
 
@@ -119,6 +119,7 @@ class InterruptCheckpoint(Callback):
         folder = self._folder(trainer) or Path(trainer.default_root_dir)
         if isinstance(get_filesystem(str(folder)), LocalFileSystem):  # remote folders are the storage's business
             check_writable(folder, "checkpoints")
+            remove_orphaned_temporaries(folder)  # what writers killed mid-checkpoint left (about a checkpoint each)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

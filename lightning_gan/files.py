@@ -1,26 +1,74 @@
-"""Files that appear whole or not at all."""
+"""Files that appear whole or not at all, and the temporary files of writers that were killed."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+__all__ = ["ORPHAN_AGE_S", "atomic_write", "remove_orphaned_temporaries"]
+
+# A temporary file of another host (a shared file system) is removed once it is this old: no write takes a day.
+ORPHAN_AGE_S = 24 * 3600
+# `.<target>.<host>.<pid>.<8 hex>.tmp`; lightning-gan 0.1.0 wrote `.<target>.<pid>.<8 hex>.tmp` (no host)
+_TEMPORARY = re.compile(r"^\..+?(?:\.(?P<host>[A-Za-z0-9-]+))?\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: a process of another user holds that pid
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` when its process was killed (``kill
+    -9``, a power cut): those of a process of this host that is gone, and any older than ``max_age_s`` seconds (of
+    another host, or of an older version, whose names say no host). Returns the files removed.
+
+    A temporary file of a live process of this host, or a recent one of another host, is left alone: it may be
+    being written.
+    """
+    folder, host, now, removed = Path(folder), _host(), time.time(), []
+    with contextlib.suppress(OSError):  # a folder that is missing or unreadable holds nothing to clean
+        for entry in os.scandir(folder):
+            match = _TEMPORARY.match(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):  # gone already (another cleaner), or not ours to remove
+                ours = match["host"] == host and int(match["pid"]) != os.getpid()
+                if (ours and not _alive(int(match["pid"]))) or now - entry.stat().st_mtime > max_age_s:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` through ``write(file)`` so that readers, and a crash at any moment, see the previous file or the
     new one whole, never a part.
 
-    ``write`` fills a hidden temporary file in ``path``'s folder (created when missing), which is flushed, synced to
-    disk (``fsync``) and renamed over ``path`` (``os.replace``, atomic within one file system); the folder is synced
-    then, so that the rename survives a power cut. On any exception the temporary file is removed.
+    ``write`` fills a hidden temporary file in ``path``'s folder (created when missing), named after this host and
+    process, which is flushed, synced to disk (``fsync``) and renamed over ``path`` (``os.replace``, atomic within one
+    file system); the folder is synced then, so that the rename survives a power cut. On any exception the temporary
+    file is removed; those of killed writers are removed first (:func:`remove_orphaned_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    remove_orphaned_temporaries(path.parent)
+    temporary = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "xb") as file:
             write(file)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
-from lightning_gan.files import atomic_write
+from lightning_gan.files import ORPHAN_AGE_S, atomic_write, remove_orphaned_temporaries
 
 
 def test_atomic_write_syncs_the_new_file_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,3 +43,54 @@ def test_a_failed_atomic_write_leaves_the_previous_file_and_no_temporary_one(tmp
         atomic_write(path, killed_half_way)
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_temporary_files_are_named_after_the_host_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(src).name) or real_replace(src, dst))
+    atomic_write(tmp_path / "last.ckpt", lambda file: file.write(b"new"))
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    assert re.fullmatch(rf"\.last\.ckpt\.{re.escape(host)}\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", renamed[0])
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    killed_writer = (
+        "import os, signal, sys\n"
+        "from lightning_gan.files import ORPHAN_AGE_S, atomic_write, remove_orphaned_temporaries\n"
+        "def write(file):\n"
+        "    file.write(b'half a checkpoint')\n"
+        "    file.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", killed_writer, str(path)], env=os.environ, check=False)
+    assert result.returncode == -signal.SIGKILL
+    (orphan,) = tmp_path.iterdir()  # what kill -9 leaves behind
+    assert orphan.name.startswith(".last.ckpt.") and orphan.name.endswith(".tmp")
+    atomic_write(tmp_path / "other.png", lambda file: file.write(b"png"))  # any write to the folder cleans it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.png"]
+
+
+def test_only_orphaned_temporary_files_are_removed(tmp_path: Path) -> None:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead, live = int(gone.stdout), os.getppid()
+    names = {
+        "dead": f".last.ckpt.{host}.{dead}.0123abcd.tmp",  # a process of this host that is gone
+        "live": f".last.ckpt.{host}.{live}.0123abcd.tmp",  # one that may still be writing
+        "elsewhere": f".last.ckpt.other-host.{dead}.0123abcd.tmp",  # another host's, recent
+        "old": f".last.ckpt.other-host.{live}.4567abcd.tmp",  # another host's, older than the bound
+        "unversioned": f".last.ckpt.{dead}.89abcdef.tmp",  # 0.1.0's name (no host), recent
+        "user": ".notes.tmp",  # not one of ours
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    stale = time.time() - ORPHAN_AGE_S - 60
+    os.utime(tmp_path / names["old"], (stale, stale))
+    removed = remove_orphaned_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["dead"], names["old"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[key] for key in ("live", "elsewhere", "unversioned", "user")
+    )
