@@ -10,6 +10,9 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -294,6 +297,17 @@ def test_a_signal_stops_validate_without_writing_a_checkpoint(tmp_path: Path) ->
     with pytest.raises(SIGTERMException):
         trainer.validate(tiny_gan(), datamodule=TinyData())
     assert not folder.exists()  # a fit's interrupted.ckpt there would have been overwritten
+
+
+def test_a_fit_starts_by_removing_temporary_files_of_killed_checkpoint_writers(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    orphan = folder / f".last.ckpt.{host}.{int(gone.stdout)}.0123abcd.tmp"  # ~18 MB each on MNIST
+    orphan.write_bytes(b"half a checkpoint")
+    InterruptCheckpoint(folder).setup(quiet_trainer(default_root_dir=tmp_path), tiny_gan(), "fit")
+    assert not orphan.exists()
 
 
 def test_the_loader_position_survives_a_state_dict_round_trip() -> None:
