@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_gan._lightning import checkpoint_cadence
@@ -129,6 +129,7 @@ class ParzenEvaluation(Callback):
         self.seed = seed
         self.chunk_size = chunk_size
         self.sigma = None
+        self._cut_warned: set[str] = set()
 
     @property
     def sigma(self) -> float | None:
@@ -191,9 +192,14 @@ class ParzenEvaluation(Callback):
                 f"{self.every_n_epochs} (or a multiple), and no `every_n_train_steps` or `train_time_interval`."
             )
 
-    @staticmethod
-    def _images(trainer: Trainer, split: str, limit: int | None) -> Tensor:
+    def _images(self, trainer: Trainer, split: str, limit: int | None) -> Tensor:
         images = datamodule_images(trainer.datamodule, split, "ParzenEvaluation")
+        if limit is not None and limit > len(images) and split not in self._cut_warned:
+            self._cut_warned.add(split)  # once per split, not at every selection
+            rank_zero_warn(
+                f"ParzenEvaluation: {split}_size={limit} is larger than the {split} split ({len(images)} images): "
+                f"using all {len(images)}. Set {split}_size to at most {len(images)} (or null: the whole split)."
+            )
         return images[:limit] if limit is not None else images
 
     # ------------------------------------------------------------------ sigma on validation

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_gan.distributed import all_reduce
@@ -67,6 +68,8 @@ class NonFiniteGuard:
         self.mode = mode
         self.networks = {"discriminator": discriminator, "generator": generator}
         self.skipped = 0
+        self._checked = self._skipped_here = 0  # updates checked and skipped by this process (for the warning)
+        self._warned = False
         self._first: Tensor | None = None  # deferred "stop": min over updates of step * 4 + network index
 
     def deferred(self, device: torch.device) -> bool:
@@ -85,6 +88,7 @@ class NonFiniteGuard:
             self.record(step, d_loss, g_loss)
             return True
         losses = [loss.detach() for loss in (d_loss, g_loss) if loss is not None]
+        self._checked += len(losses)
         bad = ~torch.isfinite(torch.stack(losses))  # (1,) or (2,)
         fixed = 0 if g_loss is None else 1 if d_loss is None else None
         flags = all_reduce(bad.float(), "max").tolist()  # the same on every rank
@@ -102,7 +106,22 @@ class NonFiniteGuard:
                 f"stopped {why}. {_advice(network)}"
             )
         self.skipped += len(losses)
+        self._skipped_here += len(losses)
         return False
+
+    def end_epoch(self, step: int, epoch: int) -> None:
+        """At an epoch's end: the deferred check (:meth:`check_deferred`), and under ``"skip"``, at the first epoch
+        end after a skip, one warning on rank zero saying how many updates were left out: a run that skips most of
+        them ends as any other."""
+        self.check_deferred(step, epoch)
+        if self._skipped_here and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"nonfinite='skip' left out {self._skipped_here} of the {self._checked} updates checked so far in "
+                f"this run ({self._skipped_here / self._checked:.0%}), because of a non-finite loss (by epoch "
+                f"{epoch}, global step {step}; {self.skipped} in all, logged as train/skipped_updates; this warning "
+                "is not repeated). Many skips mean that training diverges: lower the learning rates, or the momentum."
+            )
 
     def record(self, step: int | Tensor, d_loss: Tensor | None, g_loss: Tensor | None) -> None:
         """Deferred ``"stop"``: keep the first non-finite (step, network) on the device, updated in place, with no

@@ -329,7 +329,7 @@ class GAN(LightningModule):
             self._guard.check_deferred(self.global_step, self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        self._guard.check_deferred(self.global_step, self.current_epoch)
+        self._guard.end_epoch(self.global_step, self.current_epoch)
         self._stepper.end_epoch(self.current_epoch, self.trainer.fit_loop.restarting)
 
     def on_validation_start(self) -> None:

@@ -205,6 +205,24 @@ def test_own_data_from_load_splits_is_evaluated_under_its_own_name(
         GANDataModule(dataset="random")
 
 
+def test_sizes_larger_than_their_split_are_cut_with_one_warning_each(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    dm = RandomImages(dataset="random", data_dir=tmp_path / "nothing here", download=False)  # val 100, test 101
+    callback = ParzenEvaluation(num_samples=200, val_size=150, test_size=500, chunk_size=100)
+    trainer = quiet_trainer(callbacks=[callback])
+    for _ in range(2):  # each size is cut at every selection and test, but said once
+        callback.sigma = None
+        trainer.test(seeded_gan(), datamodule=dm, verbose=False)
+    cut = sorted(str(w.message) for w in recwarn if "is larger than the" in str(w.message))
+    assert cut == [
+        f"ParzenEvaluation: test_size=500 is larger than the test split ({TEST_SIZE} images): using all {TEST_SIZE}. "
+        f"Set test_size to at most {TEST_SIZE} (or null: the whole split).",
+        "ParzenEvaluation: val_size=150 is larger than the val split (100 images): using all 100. "
+        "Set val_size to at most 100 (or null: the whole split).",
+    ]
+
+
 class ImagesWithoutSplits(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.rand(8, 1, 28, 28)), batch_size=4)

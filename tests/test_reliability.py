@@ -561,6 +561,15 @@ def test_skip_leaves_updates_out_counts_them_and_resumes_the_count(tmp_path: Pat
     assert resumed.skipped_updates == 3
 
 
+def test_skipped_updates_are_reported_once_on_the_console(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    nan_at = {"discriminator": {2, 5}, "generator": {6}}  # one skip in epoch 0, two in epoch 1
+    fit(tmp_path, gan=nan_gan(nan_at, nonfinite="skip"))
+    (warning,) = [str(w.message) for w in recwarn if "nonfinite='skip' left out" in str(w.message)]
+    # epoch 0: 5 discriminator and 5 generator updates (k = 1) checked, one skipped
+    assert warning.startswith("nonfinite='skip' left out 1 of the 10 updates checked so far in this run (10%)")
+    assert "by epoch 0, global step 5; 1 in all, logged as train/skipped_updates" in warning
+
+
 class PoisonGenerator(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 3:
