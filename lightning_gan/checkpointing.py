@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -37,6 +38,7 @@ from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_han
 from lightning_gan.checks import check_positive_int
 from lightning_gan.figures import run_dir
 from lightning_gan.files import atomic_write, remove_orphaned_temporaries
+from lightning_gan.slurm import REQUEUE_SIGNAL, with_slurm_environment
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "check_writable", "with_safe_checkpointing"]
 
@@ -67,7 +69,8 @@ class InterruptCheckpoint(Callback):
     * Before training (``setup``), the checkpoint folder must be writable: otherwise a clear error, before any step
       and before anything is written (rather than a crash at the end of the first epoch).
     * SIGTERM (cluster pre-emption, ``kill``): Lightning finishes the current step and stops; this callback then
-      saves ``<dirpath>/<filename>.ckpt``. The same for a first Ctrl-C (SIGINT), which this callback turns into the
+      saves ``<dirpath>/<filename>.ckpt``. The same for SIGUSR1 (SLURM's ``--signal``), unless a handler (Lightning's
+      auto-requeue) has it. The same for a first Ctrl-C (SIGINT), which this callback turns into the
       same clean stop; a second Ctrl-C stops at once, without a checkpoint (its state could be half-way through a
       step). Under DDP, a signal on any rank, wherever it arrives, stops every rank at the same training step: the
       ranks agree on it every ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent
@@ -99,6 +102,7 @@ class InterruptCheckpoint(Callback):
         self._trainer: Trainer | None = None
         self._previous_handler: Any = None
         self._previous_sigterm_handler: Any = None
+        self._previous_requeue_handler: Any = None
         self._ctrl_c_seen = False
 
     def _folder(self, trainer: Trainer) -> Path | None:
@@ -129,6 +133,9 @@ class InterruptCheckpoint(Callback):
             self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
             if trainer.world_size > 1:
                 self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if REQUEUE_SIGNAL is not None and signal.getsignal(REQUEUE_SIGNAL) in (signal.SIG_DFL, None):
+                # SLURM's warning before the time limit (where Lightning's auto-requeue has not taken it)
+                self._previous_requeue_handler = signal.signal(REQUEUE_SIGNAL, self._on_requeue_signal)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Under DDP, in place of Lightning's handler: note the request, for the ranks to agree on at a sync step.
@@ -148,6 +155,15 @@ class InterruptCheckpoint(Callback):
         original = sigterm_handler_before_lightning(trainer)
         if original is not None:
             original(signum, frame)
+
+    def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 (``sbatch --signal=SIGUSR1@90``): the same clean stop as SIGTERM (see :mod:`lightning_gan.slurm`)."""
+        if self._trainer is None:
+            return
+        if self._trainer.world_size > 1:
+            self._stop_requested = True  # the ranks agree on it first (see on_train_batch_end)
+        else:
+            set_sigterm_flag(self._trainer, True)
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
         if self._ctrl_c_seen or self._trainer is None:
@@ -203,7 +219,10 @@ class InterruptCheckpoint(Callback):
                 signal.signal(signal.SIGINT, self._previous_handler)
             if self._previous_sigterm_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
-        self._previous_handler = self._previous_sigterm_handler = self._trainer = None
+            if self._previous_requeue_handler is not None:
+                signal.signal(REQUEUE_SIGNAL, self._previous_requeue_handler)
+        self._previous_handler = self._previous_sigterm_handler = self._previous_requeue_handler = None
+        self._trainer = None
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -277,6 +296,8 @@ def with_safe_checkpointing(trainer_config: Mapping[str, Any], kwargs: dict[str,
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # Lightning's auto-requeue off (see lightning_gan.slurm)
+        kwargs["plugins"] = with_slurm_environment(trainer_config, kwargs.get("plugins", plugins))
     if trainer_config.get("enable_checkpointing") is not False:
         callbacks = kwargs["callbacks"] if "callbacks" in kwargs else trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]

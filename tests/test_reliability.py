@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from conftest import TINY_NETS, PlateauOnValidationLoss, quiet_trainer, tiny_nets
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -38,7 +39,12 @@ from lightning_gan import (
     SampleGrid,
 )
 from lightning_gan._lightning import set_sigterm_flag
-from lightning_gan.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, check_writable
+from lightning_gan.checkpointing import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    check_writable,
+    with_safe_checkpointing,
+)
 from lightning_gan.cli import build_cli
 from lightning_gan.data import InMemoryTensors, _whole_batch
 from lightning_gan.guards import NonFiniteError, NonFiniteGuard
@@ -52,9 +58,10 @@ BATCHES_PER_EPOCH = 5  # odd, so that with k = 2 the generator's phase crosses t
 def default_signal_handlers() -> Iterator[None]:
     """Python's own SIGINT and SIGTERM handlers for each test, whatever pytest was started with (``nohup`` or a
     background shell start it with SIGINT ignored), and the ones before restored afterwards."""
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     try:
         yield
     finally:
@@ -114,6 +121,7 @@ def fit(
     callbacks: tuple[Callback, ...] = (),
     checkpoint: ModelCheckpoint | None = None,
     gan: GAN | None = None,
+    plugins: list[Any] | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, GAN, RecordBatches]:
     seed_everything(0, verbose=False)
@@ -125,7 +133,7 @@ def fit(
         default_root_dir=root,
         limit_val_batches=2,
         num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins or [AtomicCheckpointIO()],
         callbacks=[record, *callbacks, InterruptCheckpoint(), checkpoint],
         **trainer_kwargs,
     )
@@ -245,6 +253,64 @@ def test_a_signal_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(
     assert_identical(training_state(trainer, gan), straight_run["state"])
     assert_identical(record.batches, straight_run["batches"][stop_at:], "batches")
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def fake_slurm_job(monkeypatch: pytest.MonkeyPatch, bin_dir: Path) -> Path:
+    """Environment variables of a one-task SLURM job step (``srun``), and an ``scontrol`` on the PATH that records
+    its arguments in the returned file instead of requeueing anything."""
+    for name, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_NAME": "gan",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bin_dir.mkdir()
+    calls = bin_dir / "scontrol-calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_under_slurm_the_requeue_signal_leaves_a_checkpoint_that_resumes_exactly(
+    straight_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = fake_slurm_job(monkeypatch, tmp_path / "bin")
+    plugins = with_safe_checkpointing({}, {})["plugins"]  # what the `lightning-gan` command passes
+    (slurm,) = [plugin for plugin in plugins if isinstance(plugin, SLURMEnvironment)]
+    assert not slurm.auto_requeue  # Lightning's would save hpc_ckpt_1.ckpt inside the signal handler
+    stop_at = BATCHES_PER_EPOCH + 2
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "first", callbacks=(SendSignal(stop_at, signal.SIGUSR1),), plugins=plugins)
+    interrupted = tmp_path / "first" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] == stop_at
+    assert not list((tmp_path / "first").rglob("hpc_ckpt_*.ckpt")) and not calls.exists()  # no auto-requeue
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handed back
+
+    trainer, gan, record = fit(
+        tmp_path / "resumed", ckpt_path=interrupted, plugins=with_safe_checkpointing({}, {})["plugins"]
+    )
+    assert_identical(training_state(trainer, gan), straight_run["state"])
+    assert_identical(record.batches, straight_run["batches"][stop_at:], "batches")
+
+
+def test_the_slurm_environment_is_added_only_under_slurm_and_only_when_none_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert not any(isinstance(p, SLURMEnvironment) for p in with_safe_checkpointing({}, {})["plugins"])
+    fake_slurm_job(monkeypatch, tmp_path / "bin")
+    own = SLURMEnvironment(auto_requeue=True)  # a user who wants Lightning's auto-requeue keeps it
+    assert with_safe_checkpointing({"plugins": [own]}, {})["plugins"][0] is own
+    assert [
+        p for p in with_safe_checkpointing({"plugins": [own]}, {})["plugins"] if isinstance(p, SLURMEnvironment)
+    ] == [own]
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> None:
