@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -75,11 +76,28 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if _disk_full(error):  # torch.save reports it as "RuntimeError: [enforce fail ...] unexpected pos ..."
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device writing {path}: free some space there, or write the run to another "
+                "folder (e.g. --trainer.default_root_dir=DIR); the previous file, if any, is intact",
+            ) from error
         raise
     _fsync_folder(path.parent)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an exception it was raised from or while handling, is a full disk or quota."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -10,10 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
+import torch
 
+from lightning_gan import files
 from lightning_gan.files import ORPHAN_AGE_S, atomic_write, remove_orphaned_temporaries
 
 
@@ -94,3 +97,31 @@ def test_only_orphaned_temporary_files_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         names[key] for key in ("live", "elsewhere", "unversioned", "user")
     )
+
+
+def test_a_full_disk_is_named_with_the_path_on_the_last_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"previous")
+    real_open = open
+
+    def open_on_a_full_disk(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return real_open("/dev/full", "wb") if str(file).endswith(".tmp") else real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", open_on_a_full_disk, raising=False)  # writes there fail with ENOSPC
+    with pytest.raises(OSError, match=rf"No space left on device writing {re.escape(str(path))}") as raised:
+        atomic_write(path, lambda file: torch.save({"weights": torch.zeros(100_000)}, file))
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+    def as_torch_save_reports_it(file: BinaryIO) -> None:  # its zip writer's error, raised while handling ENOSPC
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=rf"No space left on device writing {re.escape(str(path))}"):
+        atomic_write(path, as_torch_save_reports_it)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # the same error without a full disk: as it was
+        atomic_write(path, lambda file: (_ for _ in ()).throw(RuntimeError("unexpected pos")))
