@@ -12,6 +12,7 @@ to the ``Trainer``. Exact resume (random state, position in the epoch) is in :mo
 
 from __future__ import annotations
 
+import shlex
 import signal
 import tempfile
 import threading
@@ -254,7 +255,8 @@ class InterruptCheckpoint(Callback):
                     logger.experiment.mark_preempting()  # W&B shows the run as preempted (to resume), not finished
         rank_zero_info(
             f"Training stopped at epoch {trainer.current_epoch}, global step {trainer.global_step}; saved {path}. "
-            f"Resume with `--ckpt_path {path}` (lightning-gan fit) or `trainer.fit(..., ckpt_path=...)`."
+            f"Resume with `--ckpt_path {shlex.quote(str(path))}` (lightning-gan fit) or "
+            "`trainer.fit(..., ckpt_path=...)`."
         )
 
 

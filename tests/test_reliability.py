@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import shutil
@@ -311,6 +312,14 @@ def test_the_slurm_environment_is_added_only_under_slurm_and_only_when_none_is_c
     assert [
         p for p in with_safe_checkpointing({"plugins": [own]}, {})["plugins"] if isinstance(p, SLURMEnvironment)
     ] == [own]
+
+
+def test_the_resume_command_quotes_a_path_with_spaces(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "my runs"
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit):
+        fit(root, callbacks=(SendSignal(2, signal.SIGTERM),))
+    interrupted = root / "checkpoints" / "interrupted.ckpt"
+    assert f"Resume with `--ckpt_path '{interrupted}'`" in caplog.text  # pastes into a shell as one argument
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path: Path) -> None:
