@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_gan._lightning import checkpoint_cadence
 from lightning_gan.checks import check_positive_int
 from lightning_gan.figures import LatentInterpolation, SampleGrid
+from lightning_gan.guards import check_samples
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
 from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import ParzenLogLikelihood, check_min_sigma, select_sigma
@@ -169,7 +170,9 @@ class ParzenEvaluation(Callback):
             local[: len(chunks)] = torch.stack(chunks)
         gathered = pl_module.all_gather(local) if world > 1 else local.unsqueeze(0)  # (W, per_rank, chunk, D)
         ordered = [gathered[c % world, c // world] for c in range(n_chunks)]
-        return torch.cat(ordered)[: self.num_samples]
+        centres = torch.cat(ordered)[: self.num_samples]
+        check_samples(centres, trainer.global_step)  # every rank holds them all: all raise together
+        return centres
 
     # ------------------------------------------------------------------ data
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

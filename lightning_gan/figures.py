@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_gan._lightning import callback_state_key
 from lightning_gan.checks import check_positive_int
 from lightning_gan.files import atomic_write
+from lightning_gan.guards import check_samples
 from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours
 from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
@@ -188,6 +189,7 @@ class SampleGrid(_GridCallback):
         )  # (n, C, H, W)
         if not self.nearest_neighbours:
             return make_grid(_rgb(_to_display(datamodule, samples)), nrow=self.nrow, pad_value=1.0)
+        check_samples(samples, pl_module.global_step, "SampleGrid's nearest neighbours")
         neighbours, _ = nearest_training_images(samples, datamodule_images(datamodule, "train", "SampleGrid"))
         framed = _rgb(_to_display(datamodule, neighbours)).clone()
         yellow = _YELLOW.view(1, 3, 1)

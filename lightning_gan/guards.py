@@ -164,6 +164,20 @@ class NonFiniteGuard:
             )
 
 
+def check_samples(samples: Tensor, step: int, what: str = "the Parzen evaluation") -> None:
+    """Raise :class:`NonFiniteError`, with advice about the generator, when its ``samples`` are NaN or infinite
+    (rather than an evaluation's advice to clean its input)."""
+    if bool(torch.isfinite(samples.sum())) or bool(torch.isfinite(samples).all()):  # one fast pass when all is well
+        return
+    bad = int((~torch.isfinite(samples)).sum())
+    raise NonFiniteError(
+        f"The generator's samples for {what} hold {bad} NaN/Inf values (global step {step}): the generator has "
+        "diverged (its weights or outputs are non-finite); no change to the evaluation can fix that. Lower the "
+        "generator's learning rate or momentum (model.init_args.generator_optimizer), or train with "
+        f"nonfinite=skip, resuming from a checkpoint written before it diverged. {_advice('generator')}"
+    )
+
+
 def check_architecture(own: Mapping[str, Any], saved: Mapping[str, Any], source: str | None = None) -> None:
     """Raise a ``ValueError`` naming the mismatched weights and the fix when the state dict ``saved`` (read from the
     file ``source``) was written by other networks than the state dict ``own``."""

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_gan._lightning import should_update_logs
 from lightning_gan.checks import check_positive_int
+from lightning_gan.guards import check_samples
 from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import nearest_neighbours, pairwise_sq_dists_chunks
 from lightning_gan.sampling import datamodule_images, seeded_noise
@@ -136,6 +137,7 @@ class CollapseMonitor(Callback):
         # moved once to the module's device (at `setup` the module may not be there yet)
         self._reference, self._real = self._reference.to(pl_module.device), self._real.to(pl_module.device)
         samples = eval_forward(pl_module.generator, self.noise, pl_module.device)
+        check_samples(samples, pl_module.global_step, "CollapseMonitor")
         d_real = torch.sigmoid(eval_forward(pl_module.discriminator, self._real, pl_module.device).float()).mean()
         d_fake = torch.sigmoid(eval_forward(pl_module.discriminator, samples, pl_module.device).float()).mean()
         flat = samples.flatten(1).to(self._reference)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, ParzenEvaluation
 from lightning_gan.datasets import Split, Splits
+from lightning_gan.guards import NonFiniteError
 from lightning_gan.parzen import parzen_log_likelihood
 
 TEST_SIZE = 101  # odd: a DistributedSampler would pad it with a repeated example on 2 ranks
@@ -221,6 +222,16 @@ def test_sizes_larger_than_their_split_are_cut_with_one_warning_each(
         "ParzenEvaluation: val_size=150 is larger than the val split (100 images): using all 100. "
         "Set val_size to at most 100 (or null: the whole split).",
     ]
+
+
+def test_a_diverged_generator_gets_advice_about_the_generator(tmp_path: Path) -> None:
+    dm = RandomImages(dataset="random", data_dir=tmp_path / "nothing here", download=False)
+    gan = seeded_gan()
+    with torch.no_grad():
+        gan.generator.output_layer.bias[0] = float("nan")  # as a diverged generator's
+    with pytest.raises(NonFiniteError, match="global step 0\\): the generator has diverged") as raised:
+        quiet_trainer(callbacks=[evaluation()]).validate(gan, datamodule=dm, verbose=False)
+    assert "generator_optimizer" in str(raised.value) and "nan_to_num" not in str(raised.value)
 
 
 class ImagesWithoutSplits(LightningDataModule):
