@@ -299,7 +299,7 @@ class GAN(LightningModule):
             return
         if stage == "fit" and trainer.world_size > 1:  # each rank its own noise and dropout (see docs/distributed.md)
             torch.manual_seed(torch.initial_seed() + self.global_rank)
-        check_image_shape(self, trainer.datamodule)
+        check_image_shape(self, trainer.datamodule, getattr(self, "built_from_checkpoint", None))  # see cli
         if stage == "fit":
             StackedSteps.attach(trainer, self, self._steps_in)
             if self.cuda_graph:
@@ -460,8 +460,10 @@ def check_optimizers(optimizers: Sequence[Optimizer], discriminator: nn.Module, 
             raise ValueError(f"{fix}, but optimizer {index} holds parameters that are not the {name}'s.")
 
 
-def check_image_shape(gan: GAN, datamodule: Any) -> None:
-    """Refuse networks built for images of another shape than the datamodule's, naming the key to set."""
+def check_image_shape(gan: GAN, datamodule: Any, ckpt_path: str | None = None) -> None:
+    """Refuse networks built for images of another shape than the datamodule's, naming the key to set; or, when
+    the CLI built them from the settings saved in ``ckpt_path`` (``GAN.built_from_checkpoint``, set by
+    :class:`~lightning_gan.ckpt_settings.CheckpointSettingsNotice`), the data to use."""
     images = datamodule_images(datamodule, "train", needed_by=None)
     if images is None:
         return
@@ -476,6 +478,12 @@ def check_image_shape(gan: GAN, datamodule: Any) -> None:
             if attribute in inspect.signature(type(network)).parameters
             else f"choose the arguments of {type(network).__name__} that make its `{attribute}` {list(shape)}"
         )
+        if ckpt_path is not None:  # its weights fit this shape only: another `in_shape` would not load them
+            fix = (
+                f"the checkpoint {ckpt_path} holds networks for {tuple(built_for)} images (with --ckpt_path, the "
+                "networks are built from its own settings, whatever the config says): evaluate or resume it on "
+                f"data of that shape (the dataset it was trained on), or train a new run for {shape} images"
+            )
         raise ValueError(
             f"The {name} is built for images of shape {tuple(built_for)}, but the data's are {shape}: {fix}."
         )
