@@ -362,6 +362,27 @@ def test_under_ddp_a_sigterm_waits_for_the_ranks_agreement_wherever_it_arrives(m
         signal.signal(signal.SIGTERM, before)
 
 
+def test_under_ddp_the_requeue_signal_waits_for_the_ranks_agreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, step = quiet_trainer(), {"global": 0}
+    monkeypatch.setattr(Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(Trainer, "global_step", property(lambda self: step["global"]))
+    module = SimpleNamespace(device=torch.device("cpu"))
+    interrupt = InterruptCheckpoint(sync_every_n_steps=2)
+    try:
+        interrupt.on_train_start(trainer, module)
+        signal.raise_signal(signal.SIGUSR1)  # SLURM's warning, on this rank only
+        assert not trainer.received_sigterm  # noted, but this rank does not stop alone
+        step["global"] = 1
+        interrupt.on_train_batch_end(trainer, module, None, None, 0)
+        assert not trainer.received_sigterm
+        step["global"] = 2
+        interrupt.on_train_batch_end(trainer, module, None, None, 1)
+        assert trainer.received_sigterm  # the ranks agreed (one process here: its own request)
+    finally:
+        interrupt.teardown(trainer, module, "fit")
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
 def test_a_signal_stops_validate_without_writing_a_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     trainer = quiet_trainer(
