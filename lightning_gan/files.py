@@ -17,6 +17,9 @@ __all__ = ["ORPHAN_AGE_S", "atomic_write", "remove_orphaned_temporaries"]
 
 # A temporary file of another host (a shared file system) is removed once it is this old: no write takes a day.
 ORPHAN_AGE_S = 24 * 3600
+# ... and one of a process of this host that is gone, once it has not changed for this long: a writer in another pid
+# namespace (a container) with the same host name would look dead, but its file changes as it is written
+_QUIET_S = 60
 # `.<target>.<host>.<pid>.<8 hex>.tmp`; lightning-gan 0.1.0 wrote `.<target>.<pid>.<8 hex>.tmp` (no host)
 _TEMPORARY = re.compile(r"^\..+?(?:\.(?P<host>[A-Za-z0-9-]+))?\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -37,8 +40,9 @@ def _alive(pid: int) -> bool:
 
 def remove_orphaned_temporaries(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` when its process was killed (``kill
-    -9``, a power cut): those of a process of this host that is gone, and any older than ``max_age_s`` seconds (of
-    another host, or of an older version, whose names say no host). Returns the files removed.
+    -9``, a power cut): those of a process of this host that is gone (unchanged for a minute), and any older than
+    ``max_age_s`` seconds (of another host, or of an older version, whose names say no host). Returns the files
+    removed.
 
     A temporary file of a live process of this host, or a recent one of another host, is left alone: it may be
     being written.
@@ -51,7 +55,8 @@ def remove_orphaned_temporaries(folder: str | Path, max_age_s: float = ORPHAN_AG
                 continue
             with contextlib.suppress(OSError):  # gone already (another cleaner), or not ours to remove
                 ours = match["host"] == host and int(match["pid"]) != os.getpid()
-                if (ours and not _alive(int(match["pid"]))) or now - entry.stat().st_mtime > max_age_s:
+                age = now - entry.stat().st_mtime
+                if (ours and age > _QUIET_S and not _alive(int(match["pid"]))) or age > max_age_s:
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed

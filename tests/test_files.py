@@ -72,6 +72,9 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_file_that_the_next_write_r
     assert result.returncode == -signal.SIGKILL
     (orphan,) = tmp_path.iterdir()  # what kill -9 leaves behind
     assert orphan.name.startswith(".last.ckpt.") and orphan.name.endswith(".tmp")
+    atomic_write(tmp_path / "other.png", lambda file: file.write(b"png"))
+    assert orphan.exists()  # changed within the last minute: it could be a live writer's in another pid namespace
+    os.utime(orphan, (time.time() - 120, time.time() - 120))
     atomic_write(tmp_path / "other.png", lambda file: file.write(b"png"))  # any write to the folder cleans it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.png"]
 
@@ -90,7 +93,9 @@ def test_only_orphaned_temporary_files_are_removed(tmp_path: Path) -> None:
     }
     for name in names.values():
         (tmp_path / name).write_bytes(b"x")
-    stale = time.time() - ORPHAN_AGE_S - 60
+    stale, quiet = time.time() - ORPHAN_AGE_S - 60, time.time() - 120
+    for name in names.values():
+        os.utime(tmp_path / name, (quiet, quiet))  # none written to in the last minute
     os.utime(tmp_path / names["old"], (stale, stale))
     removed = remove_orphaned_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == sorted([names["dead"], names["old"]])

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -402,6 +403,7 @@ def test_a_fit_starts_by_removing_temporary_files_of_killed_checkpoint_writers(t
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
     orphan = folder / f".last.ckpt.{host}.{int(gone.stdout)}.0123abcd.tmp"  # ~18 MB each on MNIST
     orphan.write_bytes(b"half a checkpoint")
+    os.utime(orphan, (time.time() - 120, time.time() - 120))  # its writer was killed two minutes ago
     InterruptCheckpoint(folder).setup(quiet_trainer(default_root_dir=tmp_path), tiny_gan(), "fit")
     assert not orphan.exists()
 
