@@ -1,9 +1,7 @@
 """The ``lightning-gan`` command: LightningCLI over :class:`GAN` and :class:`GANDataModule` (or subclasses).
 
-Runs log to Weights & Biases by default (project ``lightning-gan``). Without W&B credentials, and with
-``WANDB_MODE`` unset, the run is logged offline, with one notice saying where it is and how to upload it
-(:mod:`lightning_gan.wandb_setup`).
-"""
+Runs log to Weights & Biases by default (project ``lightning-gan``); without credentials, and with ``WANDB_MODE``
+unset, offline, with one notice saying where and how to upload it (:mod:`lightning_gan.wandb_setup`)."""
 
 from __future__ import annotations
 
@@ -21,8 +19,10 @@ from typing_extensions import override
 
 from lightning_gan.checkpointing import with_safe_checkpointing
 from lightning_gan.data import GANDataModule
+from lightning_gan.errors import run_command
 from lightning_gan.module import GAN
 from lightning_gan.monitor import GANProgressBar
+from lightning_gan.vetting import VettedCheckpoints
 from lightning_gan.wandb_setup import (
     WANDB_PROJECT,
     SaveRunConfig,
@@ -48,7 +48,7 @@ __all__ = [  # with the W&B helpers that tests import from here
 _DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 
-class GANCLI(LightningCLI):
+class GANCLI(VettedCheckpoints, LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
     ``lightning_logs/``), offline without credentials, :class:`~lightning_gan.monitor.GANProgressBar`, and DDP's
     ``find_unused_parameters`` for the ``ddp`` strategies named by a string."""
@@ -145,6 +145,6 @@ def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]``."""
-    build_cli(args)
-    finish_wandb_run()
+    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]`` (exit codes and error
+    messages: :mod:`lightning_gan.errors`)."""
+    run_command(lambda: build_cli(args), finish_wandb_run)
