@@ -305,7 +305,7 @@ def remove_offline_run(folder: Path) -> None:
     if run is None or not run.offline:
         return
     sync_dir = Path(run.dir).parent
-    wandb.finish(quiet=True)
+    wandb.finish()
     wandb.teardown()
     shutil.rmtree(sync_dir, ignore_errors=True)
     latest = sync_dir.parent / "latest-run"
