@@ -121,10 +121,9 @@ def read_checkpoint(path: str | os.PathLike[str] | io.IOBase) -> dict[str, Any]:
             )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {name}: it is not a file written by torch.save, or it holds objects that "
-            f"`weights_only` loading refuses ({first})."
+            "`weights_only` loading refuses."
         ) from error
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as error:
         if isinstance(error, CorruptCheckpointError):
