@@ -23,10 +23,12 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # conftest's helpers when run as a script
 
 from conftest import TINY_NETS, write_fake_mnist  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
 
-from lightning_gan.checkpointing import LOCK_FILE  # noqa: E402
-from lightning_gan.cli import main  # noqa: E402
-from lightning_gan.errors import BAD_INPUT, TRACEBACK_VARIABLE  # noqa: E402
+from lightning_gan.checkpointing import LOCK_FILE, RunFolderLockedError, RunLock  # noqa: E402
+from lightning_gan.cli import build_cli  # noqa: E402
+from lightning_gan.errors import BAD_INPUT, TRACEBACK_VARIABLE, run_command  # noqa: E402
+from lightning_gan.wandb_setup import finish_wandb_run  # noqa: E402
 
 REPO = TESTS.parent
 DOC = REPO / "docs" / "reliability.md"
@@ -112,6 +114,11 @@ CASES = [
         root="{inputs}",
     ),
 ]
+
+
+def main(args: list[str], **kwargs: object) -> None:
+    """``lightning_gan.cli.main``, with ``build_cli``'s keyword arguments."""
+    run_command(lambda: build_cli(args, **kwargs), finish_wandb_run)
 
 
 def fit_args(data_dir: Path, root: str, *extra: str) -> list[str]:
@@ -238,6 +245,56 @@ def test_the_command_itself_prints_one_line_and_exits_with_2(tmp_path: Path, mni
     )
     assert traced.returncode == BAD_INPUT and "Traceback (most recent call last)" in traced.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_corrected_rerun_into_the_folder_of_a_refused_run_goes_ahead(tmp_path: Path, mnist_root: Path) -> None:
+    root = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        main(fit_args(mnist_root, root, "--model.init_args.discriminator_optimizer.init_args.lr=0"))
+    assert snapshot(tmp_path) == {}  # before: its config.yaml, which made the rerun "an earlier run"
+    lock_seen = LockSeen()
+    main(fit_args(mnist_root, root), trainer_defaults={"callbacks": [lock_seen]})
+    assert lock_seen.held_while_training and (tmp_path / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # removed at the end
+
+
+class LockSeen(Callback):
+    held_while_training = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.held_while_training = (Path(trainer.default_root_dir) / LOCK_FILE).is_file()
+
+
+def test_with_wandb_a_refused_run_leaves_no_files(tmp_path: Path, mnist_root: Path) -> None:
+    args = fit_args(mnist_root, str(tmp_path / "run"), "--model.init_args.discriminator_optimizer.init_args.lr=0")
+    args.remove("--trainer.logger=false")
+    args.append(f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == BAD_INPUT
+    assert snapshot(tmp_path) == {}  # before: logs/wandb/offline-run-*, logs/lightning-gan/<id>/config.yaml
+
+
+def test_the_run_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "run"
+    lock = RunLock(folder)
+    lock.acquire()
+    assert (folder / LOCK_FILE).read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    with pytest.raises(RunFolderLockedError, match=f"process {os.getpid()} on {socket.gethostname()}"):
+        RunLock(folder).acquire()  # a second run into the folder
+    lock.release()
+    assert not (tmp_path / "new").exists()  # the folders made for the lock go with it
+    # a lock left by a process that died on this host is taken over; one of another host is not
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder.mkdir(parents=True)
+    (folder / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")
+    RunLock(folder).acquire()
+    assert (folder / LOCK_FILE).read_text().split()[1] == str(os.getpid())
+    (folder / LOCK_FILE).write_text(f"another-host {dead.pid}\n")
+    with pytest.raises(RunFolderLockedError):
+        RunLock(folder).acquire()
+    assert folder.is_dir()  # it existed before: kept
 
 
 def write_table() -> None:
