@@ -297,6 +297,11 @@ def test_the_run_lock(tmp_path: Path) -> None:
     assert folder.is_dir()  # it existed before: kept
 
 
+def test_every_relative_link_of_docs_reliability_resolves() -> None:
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", DOC.read_text())
+    assert links and all((DOC.parent / link).exists() for link in links), links
+
+
 def write_table() -> None:
     """Run the cases and write their table into docs/reliability.md."""
     import tempfile
