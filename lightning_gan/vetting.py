@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -45,11 +46,12 @@ ALLOWED_PREFIXES = ("lightning_gan.", "torch.nn.", "torch.optim.")
 # what an already imported class must be to be allowed: the types a GAN's hyperparameters name
 _ALLOWED_BASES = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, LightningModule,
                   LightningDataModule)  # fmt: skip
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _SPECIAL_PATHS = ("last", "best", "hpc", "registry")  # --ckpt_path values that Lightning resolves itself
 
 
 class UntrustedCheckpointError(LightningGANError, ValueError):
-    """A checkpoint names a class that is not allowed (see the module's docstring)."""
+    """A checkpoint names a class (or another import path) that is not allowed (see the module's docstring)."""
 
 
 class CorruptCheckpointError(LightningGANError, ValueError):
@@ -61,19 +63,20 @@ class CheckpointNotFoundError(LightningGANError, FileNotFoundError):
 
 
 def class_paths(tree: Any) -> Iterator[str]:
-    """Every class path (a string under a ``class_path`` or ``_class_path`` key) in nested dicts, lists and
-    namespaces."""
+    """Every import path in nested dicts, lists and namespaces: the strings under ``class_path`` (or
+    ``_class_path``) keys, and any other string that reads as a dotted name, for jsonargparse imports those too (the
+    value of a callable-typed argument, e.g. ``"gan_helpers.make_optimizer"``)."""
     if hasattr(tree, "as_dict"):  # a jsonargparse Namespace
         tree = tree.as_dict()
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if key in ("class_path", "_class_path") and isinstance(value, str):
-                yield value
-            else:
+            if key != "_instantiator":  # Lightning checks it against an allowlist of its own
                 yield from class_paths(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
             yield from class_paths(value)
+    elif isinstance(tree, str) and _DOTTED_NAME.fullmatch(tree):
+        yield tree
 
 
 def _imported_class_allowed(path: str) -> bool:
@@ -100,7 +103,7 @@ def vet_class_paths(paths: Iterable[str], source: str, trusted: Iterable[str] = 
         if path in trusted or path.startswith(ALLOWED_PREFIXES) or _imported_class_allowed(path):
             continue
         raise UntrustedCheckpointError(
-            f"{source} names the class {path!r}, which lightning-gan does not import from a checkpoint (it could run "
+            f"{source} names {path!r}, which lightning-gan does not import from a checkpoint (it could run "
             "code): only classes of lightning_gan, torch.nn and torch.optim, or named in your own config, are allowed. "
             f"If you trust this checkpoint, name the class in your config (e.g. `--model.init_args.generator={path}`) "
             "or import its module before loading."

@@ -159,6 +159,7 @@ class SaveRunConfig(SaveConfigCallback):
     _loggers: tuple[Any, ...] = ()
     _lock: RunLock | None = None
     _save_at_start = False  # whether the stage's start saves the config (setup's checks passed)
+    _started = False  # whether the stage has started (after which a failure keeps the W&B run's files)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -175,7 +176,7 @@ class SaveRunConfig(SaveConfigCallback):
             # The W&B run gets the whole config (below, or from the fit it continues): Lightning's own copy of the
             # module's and datamodule's arguments would repeat each setting under a second name.
             trainer.enable_autolog_hparams = False
-        self._save_at_start = False
+        self._save_at_start = self._started = False
         if stage == "fit" and self._lock is None:
             self._lock = RunLock.acquire_for(trainer, run_dir(trainer))
         if self.continues_run and stage != "fit":
@@ -231,6 +232,7 @@ class SaveRunConfig(SaveConfigCallback):
         )
 
     def _stage_starts(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._started = True
         if self._save_at_start:
             self._save_at_start = False
             super().setup(trainer, pl_module, stage)  # Lightning's saving, on rank zero, in step across ranks
@@ -238,7 +240,7 @@ class SaveRunConfig(SaveConfigCallback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """A run stopped before its stage started leaves nothing: its offline W&B run is removed; the lock goes."""
-        if not self.already_saved and trainer.is_global_zero:
+        if not self._started and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     remove_offline_run(run_dir(trainer))

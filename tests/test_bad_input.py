@@ -54,7 +54,7 @@ def earlier_run(folder: Path) -> None:
 
 
 def untrusted_checkpoint(folder: Path) -> None:
-    hparams = {"generator": {"class_path": "gan_helpers.Generator", "init_args": {}}}
+    hparams = {"generator": {"class_path": "untrusted_helpers.Generator", "init_args": {}}}
     torch.save({"hyper_parameters": hparams, "state_dict": {}}, folder / "model.ckpt")
 
 
@@ -95,7 +95,7 @@ CASES = [
     Case(
         "A checkpoint naming a class outside the allowlist",
         ("--ckpt_path={inputs}/model.ckpt",),
-        "gan_helpers.Generator",
+        "untrusted_helpers.Generator",
         untrusted_checkpoint,
     ),
     Case(

@@ -70,7 +70,7 @@ def test_the_cli_refuses_a_checkpoint_naming_a_module_beside_it_before_importing
     assert exit_info.value.code == 2
     assert not (tmp_path / "imported.marker").exists() and "gan_helpers" not in sys.modules
     err = capsys.readouterr().err
-    assert f"lightning-gan: error: {model} names the class 'gan_helpers.Generator'" in err
+    assert f"lightning-gan: error: {model} names 'gan_helpers.Generator'" in err
     assert "--model.init_args.generator=gan_helpers.Generator" in err  # the fix, for a trusted checkpoint
 
 
@@ -82,7 +82,10 @@ def test_a_class_named_in_the_user_s_own_config_is_allowed(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "gan_helpers", raising=False)
     args = fit_args(mnist_root, tmp_path / "run", "--model.init_args.generator=gan_helpers.Generator")
-    cli = build_cli(["test", *args, f"--ckpt_path={model}"])
+    try:
+        cli = build_cli(["test", *args, f"--ckpt_path={model}"])
+    finally:
+        sys.modules.pop("gan_helpers", None)  # imported now: later tests would find it allowed
     assert type(cli.model.generator).__name__ == "MLPGenerator"  # gan_helpers.Generator is that class
     assert (tmp_path / "imported.marker").exists()  # the user asked for it
 
@@ -92,12 +95,25 @@ def test_load_from_checkpoint_refuses_an_untrusted_class_without_importing_it(
 ) -> None:
     monkeypatch.delitem(sys.modules, "this", raising=False)
     model = with_generator_class(cli_checkpoint, "this.Anything", tmp_path / "model.ckpt")
-    with pytest.raises(UntrustedCheckpointError, match=r"names the class 'this\.Anything'"):
+    with pytest.raises(UntrustedCheckpointError, match=r"names 'this\.Anything'"):
         GAN.load_from_checkpoint(model)
     assert "this" not in sys.modules and "Beautiful is better than ugly" not in capsys.readouterr().out
     # the checkpoint as written loads
     gan = GAN.load_from_checkpoint(cli_checkpoint)
     assert gan.generator.net[0].out_features == 16
+
+
+def test_a_callable_named_by_a_plain_string_is_vetted_too(
+    cli_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # jsonargparse imports the value of a callable-typed argument given as a string
+    monkeypatch.delitem(sys.modules, "this", raising=False)
+    state = torch.load(cli_checkpoint, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["generator_optimizer"] = "this.make_optimizer"
+    torch.save(state, tmp_path / "model.ckpt")
+    with pytest.raises(UntrustedCheckpointError, match=r"this\.make_optimizer"):
+        GAN.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert "this" not in sys.modules and "Beautiful is better than ugly" not in capsys.readouterr().out
 
 
 def test_the_cli_refuses_this_anything_in_a_subprocess(cli_checkpoint: Path, mnist_root: Path, tmp_path: Path) -> None:
@@ -108,7 +124,7 @@ def test_the_cli_refuses_this_anything_in_a_subprocess(cli_checkpoint: Path, mni
                           env=env)  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Beautiful is better than ugly" not in done.stdout + done.stderr
-    assert "names the class 'this.Anything'" in done.stderr
+    assert "names 'this.Anything'" in done.stderr
 
 
 def test_the_allowlist() -> None:
@@ -121,8 +137,9 @@ def test_the_allowlist() -> None:
 
 
 def test_class_paths_are_found_at_any_depth() -> None:
-    tree = {"a": {"class_path": "p.A", "init_args": {"b": [{"class_path": "p.B"}]}}, "_class_path": "p.C"}
-    assert sorted(class_paths(tree)) == ["p.A", "p.B", "p.C"]
+    tree = {"a": {"class_path": "p.A", "init_args": {"b": [{"class_path": "p.B"}], "f": "p.f"}}, "_class_path": "p.C"}
+    tree["plain"] = ["relu", "non_saturating", "1.5", "data/v1.2", 3]  # not import paths
+    assert sorted(class_paths(tree)) == ["p.A", "p.B", "p.C", "p.f"]
     assert list(class_paths(Namespace(model=Namespace(class_path="p.D")))) == ["p.D"]
 
 
