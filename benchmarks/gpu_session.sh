@@ -3,7 +3,7 @@
 # measured).
 #
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/
-#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, then the throughput table (~2-3 min)
+#   bash benchmarks/gpu_session.sh check               # on the GPU: CUDA tests, the throughput table, Parzen (~4 min)
 #   bash benchmarks/gpu_session.sh reproduce CONFIG MINUTES [FLAGS...]   # on the GPU: Parzen curve of one config
 #       (PRECISION=high before it: with TF32 matmuls)
 #   bash benchmarks/gpu_session.sh profile             # on the GPU: kernels per update, replays with and without TF32
@@ -43,11 +43,13 @@ check)
     # the CUDA tests only (the others pass on CPUs); a failure is reported whole in pytest_cuda.log, and the
     # throughput is measured all the same
     (LIGHTNING_GAN_DATA_ROOT=.device-data python3 -m pytest -q -p no:cacheprovider -k "on_a_gpu or cuda_matches" \
-        tests/test_graphed.py tests/test_averaging.py tests/test_stacked_steps.py tests/test_parzen.py \
+        tests/test_graphed.py tests/test_compiling.py tests/test_averaging.py tests/test_stacked_steps.py tests/test_parzen.py \
         >"$OUT/pytest_cuda.log" 2>&1 || true)
     tail -15 "$OUT/pytest_cuda.log" | tee -a "$OUT/gpu_check.txt"
     python3 benchmarks/throughput.py --device cuda --steps 1000 --warmup 100 --repeats 2 --data-dir .device-data \
         2>&1 | grep --line-buffered -v "^\(GPU\|TPU\|Seed\|💡\|LOCAL_RANK\|\`Trainer\)" | tee "$OUT/throughput_cuda.md"
+    # the Parzen protocol on the GPU, against the bare matrix-product floor of the same run
+    python3 benchmarks/parzen.py --device cuda --mnist-root .device-data 2>&1 | tee "$OUT/parzen_cuda.md"
     ;;
 profile)
     use_wheels

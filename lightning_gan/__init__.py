@@ -1,6 +1,7 @@
 """lightning-gan: the original Generative Adversarial Nets (Goodfellow et al., 2014) as a Lightning plug-in."""
 
 from lightning_gan.callbacks import MatmulPrecision, ParzenEvaluation
+from lightning_gan.compiling import CompileNetworks
 from lightning_gan.data import GANDataModule
 from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.module import GAN
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GAN",
     "CollapseMonitor",
+    "CompileNetworks",
     "ConvMaxoutDiscriminator",
     "DeconvGenerator",
     "ExponentialDecay",
