@@ -5,6 +5,8 @@
   temporary file in the checkpoint's own folder, ``fsync`` s it and renames it over the target (``os.replace``).
 * A checkpoint when a run is stopped: :class:`InterruptCheckpoint` saves one on SIGTERM or a first Ctrl-C, at a step
   boundary, and checks before training that the checkpoint folder can be written.
+* One run per folder: :class:`RunLock`, a lock file that the ``lightning-gan`` command holds in the run folder while
+  a ``fit`` runs.
 
 The ``lightning-gan`` command adds both by default (:func:`with_safe_checkpointing`); with the Python API, pass them
 to the ``Trainer``. Exact resume (random state, position in the epoch) is in :mod:`lightning_gan.resume`.
@@ -12,8 +14,11 @@ to the ``Trainer``. Exact resume (random state, position in the epoch) is in :mo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -37,11 +42,21 @@ from typing_extensions import override
 
 from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_handler_before_lightning
 from lightning_gan.checks import check_positive_int
+from lightning_gan.errors import CTRL_C, SIGTERM, LightningGANError
 from lightning_gan.figures import run_dir
 from lightning_gan.files import atomic_write, remove_orphaned_temporaries
 from lightning_gan.slurm import REQUEUE_SIGNAL, with_slurm_environment
 
-__all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "check_writable", "with_safe_checkpointing"]
+__all__ = [
+    "LOCK_FILE",
+    "AtomicCheckpointIO",
+    "InterruptCheckpoint",
+    "RunFolderLockedError",
+    "RunLock",
+    "check_writable",
+    "with_safe_checkpointing",
+]
+LOCK_FILE = ".lightning-gan.lock"
 
 
 # ---------------------------------------------------------------------------------------------------- atomic files
@@ -76,6 +91,8 @@ class InterruptCheckpoint(Callback):
       step). Under DDP, a signal on any rank, wherever it arrives, stops every rank at the same training step: the
       ranks agree on it every ``sync_every_n_steps`` steps (one tiny all-reduce then), so they save one consistent
       checkpoint together (there this callback handles SIGTERM in place of Lightning, see :meth:`_on_sigterm`).
+    * The stopped run raises Lightning's ``SIGTERMException`` (a ``SystemExit``) with the exit code 143 after SIGTERM,
+      130 after Ctrl-C (a finished run exits with 0).
     * Nothing is saved for other exceptions (e.g. :class:`~lightning_gan.guards.NonFiniteError`), nor when
       ``validate`` or ``test`` is stopped: the checkpoints already written are kept as they are.
 
@@ -236,7 +253,11 @@ class InterruptCheckpoint(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handler()
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+        if not isinstance(exception, SIGTERMException):
+            return
+        # the process then exits as a shell reports a process killed by the signal, not with 0 (a finished run)
+        exception.code = CTRL_C if self._ctrl_c_seen else SIGTERM
+        if trainer.sanity_checking:
             return
         if trainer.state.fn != TrainerFn.FITTING:  # `validate`/`test` have nothing to resume: keep the folder as is
             return
@@ -282,6 +303,105 @@ def check_writable(folder: str | Path, what: str = "files") -> None:
             f"Cannot write {what} to {folder}: {error}. Choose a writable output folder, e.g. "
             "--trainer.default_root_dir=DIR (or the logger's save_dir, or ModelCheckpoint's dirpath)."
         ) from error
+
+
+# ---------------------------------------------------------------------------------------------------- run lock
+class RunFolderLockedError(LightningGANError, RuntimeError):
+    """Another run holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder: the file ``<folder>/.lightning-gan.lock``, created with ``O_CREAT|O_EXCL``
+    (so of two runs started together one gets it), holding the owner's host and process id, and removed by
+    :meth:`release`. A lock whose process has died on this host is taken over; folders created for the lock are
+    removed again with it when they are empty."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._created: list[Path] = []  # folders made for the lock, deepest first
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            RunFolderLockedError: when another live run holds it, naming that run and the fix.
+        """
+        missing = [folder for folder in (self.folder, *self.folder.parents) if not folder.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = missing
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._owner_is_dead():
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                owner = self._owner() or "unknown"
+                self._remove_created()
+                raise RunFolderLockedError(
+                    f"{self.folder} is in use by another run (process {owner}, lock file {self.path}): wait for it to "
+                    "finish or give this run a folder of its own (--trainer.default_root_dir=DIR); if no run uses it, "
+                    f"delete {self.path}."
+                ) from None
+            with os.fdopen(descriptor, "w") as file:
+                file.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return
+        raise RunFolderLockedError(f"Could not lock {self.folder}: {self.path} keeps reappearing; delete it.")
+
+    def release(self) -> None:
+        """Remove the lock file (and the folders created for it, when empty)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._created = []
+
+    def _owner(self) -> str | None:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return None
+        return f"{pid} on {host}"
+
+    def _owner_is_dead(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+            pid_number = int(pid)
+        except FileNotFoundError:
+            return True  # released meanwhile
+        except (OSError, ValueError):
+            return False  # being written, or not ours to judge
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid_number, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    @classmethod
+    def acquire_for(cls, trainer: Trainer, folder: str | Path) -> RunLock | None:
+        """Rank zero takes the lock on ``folder`` (a local one; ``None`` for remote folders and the other ranks);
+        every rank raises :class:`RunFolderLockedError` when it is held."""
+        lock, refusal = None, None
+        if trainer.is_global_zero and isinstance(get_filesystem(str(folder)), LocalFileSystem):
+            lock = cls(folder)
+            try:
+                lock.acquire()
+            except RunFolderLockedError as error:
+                lock, refusal = None, str(error)
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal is not None:
+            raise RunFolderLockedError(refusal)
+        return lock
 
 
 # ---------------------------------------------------------------------------------------------------- CLI defaults

@@ -20,8 +20,10 @@ from typing_extensions import override
 from lightning_gan.checkpointing import with_safe_checkpointing
 from lightning_gan.ckpt_settings import CheckpointSettingsNotice
 from lightning_gan.data import GANDataModule
+from lightning_gan.errors import run_command
 from lightning_gan.module import GAN
 from lightning_gan.monitor import GANProgressBar
+from lightning_gan.vetting import VettedCheckpoints
 from lightning_gan.wandb_setup import (
     WANDB_PROJECT,
     SaveRunConfig,
@@ -47,7 +49,7 @@ __all__ = [  # with the W&B helpers that tests import from here
 _DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 
-class GANCLI(CheckpointSettingsNotice, LightningCLI):
+class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
     """LightningCLI with lightning-gan's defaults: the W&B logger (project ``lightning-gan``, files under
     ``lightning_logs/``), offline without credentials, :class:`~lightning_gan.monitor.GANProgressBar`, and DDP's
     ``find_unused_parameters`` for the ``ddp`` strategies named by a string."""
@@ -144,6 +146,6 @@ def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]``."""
-    build_cli(args)
-    finish_wandb_run()
+    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]`` (exit codes and error
+    messages: :mod:`lightning_gan.errors`)."""
+    run_command(lambda: build_cli(args), finish_wandb_run)

@@ -48,6 +48,7 @@ from lightning_gan.sampling import datamodule_images, seeded_noise
 from lightning_gan.schedules import ExponentialDecay, MomentumRamp
 from lightning_gan.stacking import StackedSteps, stack_size
 from lightning_gan.stepping import SchedulerStepper
+from lightning_gan.vetting import load_vetted
 
 Schedule = Literal["alternating", "simultaneous"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
@@ -117,6 +118,8 @@ class GAN(LightningModule):
         self._fresh_weights = True  # neither trained nor loaded: a fit sets the output bias from the data
         self._one_pass = True  # whether the simultaneous update is the authors' one-pass graph: on one device
         self.register_load_state_dict_post_hook(_mark_weights_loaded)
+
+    load_from_checkpoint = classmethod(load_vetted)  # refuses a checkpoint naming untrusted classes (vetting.py)
 
     def discriminator_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         """The negated value function: ``0.5 * (BCE(D(x), 1) + BCE(D(G(z)), 0))`` from logits, batch mean."""

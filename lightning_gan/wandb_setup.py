@@ -5,9 +5,11 @@ run's config (to ``config.yaml`` and the W&B run) and says where an offline run 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import netrc
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,15 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_gan.checkpointing import RunLock
+from lightning_gan.errors import LightningGANError
 from lightning_gan.figures import run_dir
 
 WANDB_PROJECT = "lightning-gan"
@@ -132,6 +138,14 @@ def readable_config(config: Any) -> Any:
     return config
 
 
+class EarlierRunError(LightningGANError, RuntimeError):
+    """Without a logger, the folder of a new fit holds an earlier run's config."""
+
+
+class LastCheckpointMissingError(LightningGANError, FileNotFoundError):
+    """``--ckpt_path=last`` where there is no last checkpoint."""
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Save the full resolved config as ``config.yaml`` in the run directory (beside ``checkpoints/``) and, as
     :func:`readable_config`, into the config of every attached W&B run (instead of Lightning's copy of the module's
@@ -143,6 +157,9 @@ class SaveRunConfig(SaveConfigCallback):
     offline_notice: bool = False
     continues_run: bool = False
     _loggers: tuple[Any, ...] = ()
+    _lock: RunLock | None = None
+    _save_at_start = False  # whether the stage's start saves the config (setup's checks passed)
+    _started = False  # whether the stage has started (after which a failure keeps the W&B run's files)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -151,11 +168,17 @@ class SaveRunConfig(SaveConfigCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the run folder before the stage: a ``fit`` locks it (:class:`~lightning_gan.checkpointing.RunLock`)
+        and, without a logger, refuses a folder that holds an earlier run's config. The config itself is saved when
+        the stage starts (:meth:`on_train_start`, ...), after every check, so a run refused before leaves none."""
         self._loggers = tuple(trainer.loggers)
         if trainer.loggers and all(isinstance(logger, WandbLogger) for logger in trainer.loggers):
             # The W&B run gets the whole config (below, or from the fit it continues): Lightning's own copy of the
             # module's and datamodule's arguments would repeat each setting under a second name.
             trainer.enable_autolog_hparams = False
+        self._save_at_start = self._started = False
+        if stage == "fit" and self._lock is None:
+            self._lock = RunLock.acquire_for(trainer, run_dir(trainer))
         if self.continues_run and stage != "fit":
             # the fit's config.yaml and W&B config describe the run; `validate`/`test` add their metrics
             if trainer.is_global_zero:
@@ -169,13 +192,69 @@ class SaveRunConfig(SaveConfigCallback):
             if not self.config.get("ckpt_path"):  # a resume goes on in the folder of the run it resumes
                 path = run_dir(trainer) / self.config_filename
                 if trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False):
-                    raise RuntimeError(
+                    raise EarlierRunError(
                         f"{path} holds the config of an earlier run: without a logger (`--trainer.logger=false`) runs "
                         "write their config.yaml, checkpoints and figures into `--trainer.default_root_dir`. Give "
                         "this run a folder of its own (`--trainer.default_root_dir=DIR`), resume the earlier run "
                         "(`--ckpt_path`), or remove that folder's files."
                     )
-        super().setup(trainer, pl_module, stage)
+        self._save_at_start = True
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_last_checkpoint(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_starts(trainer, pl_module, "fit")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not the validation within a fit
+            self._check_last_checkpoint(trainer)
+            self._stage_starts(trainer, pl_module, "validate")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_last_checkpoint(trainer)
+        self._stage_starts(trainer, pl_module, "test")
+
+    def _check_last_checkpoint(self, trainer: Trainer) -> None:
+        """``--ckpt_path=last`` when there is no last checkpoint: Lightning would warn and go on from fresh weights
+        (and a fit would overwrite the earlier run's config.yaml)."""
+        if self.config.get("ckpt_path") != "last" or trainer.ckpt_path is not None:
+            return
+        checkpoint = trainer.checkpoint_callback
+        where = f" in {checkpoint.dirpath}" if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath else ""
+        raise LastCheckpointMissingError(
+            f"--ckpt_path=last, but there is no last checkpoint{where}: give the checkpoint's path "
+            "(`--ckpt_path=<run folder>/checkpoints/<name>.ckpt`), or leave --ckpt_path out to start a new run."
+        )
+
+    def _stage_starts(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._started = True
+        if self._save_at_start:
+            self._save_at_start = False
+            super().setup(trainer, pl_module, stage)  # Lightning's saving, on rank zero, in step across ranks
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A run stopped before its stage started leaves nothing: its offline W&B run is removed; the lock goes."""
+        if not self._started and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    remove_offline_run(run_dir(trainer))
+                    break
+        self._release()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -217,6 +296,29 @@ def prepare_wandb(trainer: Trainer, continues_run: bool) -> None:
         if isinstance(callback, SaveRunConfig):
             callback.offline_notice = callback.offline_notice or offline
             callback.continues_run = callback.continues_run or continues_run
+
+
+def remove_offline_run(folder: Path) -> None:
+    """Finish this process's W&B run and, when it is offline, delete its files (``wandb/offline-run-*``, and
+    ``folder``, the run folder, when empty): for a run refused before it started, which logged nothing."""
+    import wandb
+
+    run = wandb.run
+    if run is None or not run.offline:
+        return
+    sync_dir = Path(run.dir).parent
+    wandb.finish()
+    wandb.teardown()
+    shutil.rmtree(sync_dir, ignore_errors=True)
+    latest = sync_dir.parent / "latest-run"
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink()
+    for link in sync_dir.parent.glob("debug*.log"):  # W&B's links to the run's logs
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+    for empty in (folder, folder.parent, sync_dir.parent):
+        with contextlib.suppress(OSError):
+            empty.rmdir()
 
 
 def finish_wandb_run() -> None:
