@@ -1,5 +1,7 @@
-"""The ``lightning-gan`` command: LightningCLI over :class:`GAN` and :class:`GANDataModule` (or subclasses), logging
-to W&B (offline without credentials: :mod:`lightning_gan.wandb_setup`); guidance: :mod:`lightning_gan.cli_checks`."""
+"""The ``lightning-gan`` command: LightningCLI over :class:`GAN` and :class:`GANDataModule` (or subclasses).
+
+Runs log to Weights & Biases by default (project ``lightning-gan``); without credentials, and with ``WANDB_MODE``
+unset, offline, with one notice saying where and how to upload it (:mod:`lightning_gan.wandb_setup`)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_gan import cli_checks
+from lightning_gan import cli_checks, quiet, summary
 from lightning_gan.checkpointing import with_safe_checkpointing
 from lightning_gan.data import GANDataModule
 from lightning_gan.module import GAN
 from lightning_gan.monitor import GANProgressBar
-from lightning_gan.quiet import quiet_known_warnings, quiet_wandb_loggers
-from lightning_gan.summary import print_fit_summary, run_test_after_fit
 from lightning_gan.wandb_setup import (
     WANDB_PROJECT,
     SaveRunConfig,
@@ -74,7 +74,7 @@ class GANCLI(LightningCLI):
         continues its run, and ``validate``/``test`` add their metrics to it, at the checkpoint's step. A ``ddp``
         strategy becomes its ``find_unused_parameters_true`` variant."""
         config = self._of_subcommand(self.config)
-        quiet_known_warnings(resuming=self.subcommand == "fit" and bool(config.get("ckpt_path")))
+        quiet.quiet_known_warnings(resuming=self.subcommand == "fit" and bool(config.get("ckpt_path")))
         self._continued_run = continue_wandb_runs(config, self.parser.error)
         if config.get("trainer", {}).get("strategy") in _DDP_STRATEGIES:
             config.trainer.strategy = f"{config.trainer.strategy}_find_unused_parameters_true"
@@ -114,15 +114,15 @@ class GANCLI(LightningCLI):
             kwargs["callbacks"] = callbacks
         built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
         prepare_wandb(built, continues_run=self._continued_run is not None)
-        quiet_wandb_loggers(built.loggers)
+        quiet.quiet_wandb_loggers(built.loggers)
         return built
 
     def after_fit(self) -> None:
         """With ``--test_after_fit``, test the best checkpoint; then say where everything went (rank zero)."""
         config = self._of_subcommand(self.config)
         if config.get("test_after_fit"):
-            run_test_after_fit(self.trainer, self.model, self.datamodule)
-        print_fit_summary(self.trainer, [str(path) for path in config.get("config") or []])
+            summary.run_test_after_fit(self.trainer, self.model, self.datamodule)
+        summary.print_fit_summary(self.trainer, [str(path) for path in config.get("config") or []])
 
 
 def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
