@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_gan import datasets
 from lightning_gan.cli import build_cli, main
 from lightning_gan.cli_checks import SUBCOMMAND_HELP
 
@@ -109,3 +110,14 @@ def test_fit_tests_its_best_checkpoint_and_ends_with_a_summary_without_known_noi
     assert "parzen/val_ll" in capsys.readouterr().out
     runs = sorted((logs / "wandb").glob("offline-run-*"))
     assert {path.name.rsplit("-", 1)[-1] for path in runs} == {run.name}  # fit, test and validate: one W&B run
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline_mnist(root: str, train: bool, download: bool) -> None:
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(datasets, "MNIST", offline_mnist)
+    with pytest.raises(FileNotFoundError, match="the download failed"):
+        datasets.load_mnist(tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []
