@@ -105,3 +105,12 @@ def drop_unset_wandb_anonymous(logger: Any) -> None:
     init = getattr(logger, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)
+
+
+def set_subcommand_help(parser: Any, helps: Mapping[str, str]) -> None:
+    """Set the one-line descriptions that a LightningCLI parser's top-level help shows for its subcommands, which
+    Lightning takes from the first docstring line of each Trainer method (Lightning 2.6.6 with jsonargparse 4: the
+    parser's ``_subcommands_action``, argparse's ``_choices_actions``)."""
+    for choice in parser._subcommands_action._choices_actions:
+        if choice.dest in helps:
+            choice.help = helps[choice.dest]

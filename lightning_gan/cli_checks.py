@@ -10,6 +10,8 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from lightning_gan._lightning import set_subcommand_help
+
 # The top-level help's one-line descriptions (Lightning takes the first line of each Trainer method's docstring).
 SUBCOMMAND_HELP = {
     "fit": "Train a GAN (--test_after_fit true: then test its best checkpoint).",
@@ -63,10 +65,6 @@ def add_test_after_fit(parser: ArgumentParser) -> None:
     )
 
 
-def whole_subcommand_help(parser: Any) -> None:
-    """Replace the top-level help's subcommand descriptions by :data:`SUBCOMMAND_HELP` (jsonargparse 4 keeps them on
-    its subcommands action, as argparse does on ``_choices_actions``: no public setter)."""
-    action = getattr(parser, "_subcommands_action", None)
-    for choice in getattr(action, "_choices_actions", []):
-        if choice.dest in SUBCOMMAND_HELP:
-            choice.help = SUBCOMMAND_HELP[choice.dest]
+def whole_subcommand_help(parser: ArgumentParser) -> None:
+    """Give the top-level help the whole descriptions of :data:`SUBCOMMAND_HELP` (no public setter for them)."""
+    set_subcommand_help(parser, SUBCOMMAND_HELP)
