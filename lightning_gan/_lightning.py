@@ -111,6 +111,7 @@ def set_subcommand_help(parser: Any, helps: Mapping[str, str]) -> None:
     """Set the one-line descriptions that a LightningCLI parser's top-level help shows for its subcommands, which
     Lightning takes from the first docstring line of each Trainer method (Lightning 2.6.6 with jsonargparse 4: the
     parser's ``_subcommands_action``, argparse's ``_choices_actions``)."""
-    for choice in parser._subcommands_action._choices_actions:
+    action = parser._subcommands_action  # None when the CLI was built with `run=False`: no subcommands
+    for choice in action._choices_actions if action is not None else ():
         if choice.dest in helps:
             choice.help = helps[choice.dest]

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,16 @@ def test_fit_tests_its_best_checkpoint_and_ends_with_a_summary_without_known_noi
     validated = build_cli(["validate", *args[2:]])
     assert "parzen/val_ll" in validated.trainer.callback_metrics
     assert "parzen/val_ll" in capsys.readouterr().out
+    # the printed resume command goes on in the run's folder, without the "exists and is not empty" warning
+    resume = shlex.split(_row(summary, "resume it"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = build_cli([*resume[1:], "--trainer.max_epochs=3"])
+    assert resumed.trainer.current_epoch == 3
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     runs = sorted((logs / "wandb").glob("offline-run-*"))
-    assert {path.name.rsplit("-", 1)[-1] for path in runs} == {run.name}  # fit, test and validate: one W&B run
+    assert {path.name.rsplit("-", 1)[-1] for path in runs} == {run.name}  # fit, test, validate, resume: one W&B run
+    assert len(runs) == 4
 
 
 def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
