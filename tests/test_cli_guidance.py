@@ -118,7 +118,6 @@ def test_fit_tests_its_best_checkpoint_and_ends_with_a_summary_without_known_noi
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     runs = sorted((logs / "wandb").glob("offline-run-*"))
     assert {path.name.rsplit("-", 1)[-1] for path in runs} == {run.name}  # fit, test, validate, resume: one W&B run
-    assert len(runs) == 4
 
 
 def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
