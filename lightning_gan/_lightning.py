@@ -96,3 +96,22 @@ def foreach_move_towards(tensors: list[Tensor], targets: list[Tensor], weight: T
     difference = torch._foreach_sub(targets, tensors)
     torch._foreach_mul_(difference, weight)
     torch._foreach_add_(tensors, difference)
+
+
+def drop_unset_wandb_anonymous(logger: Any) -> None:
+    """Leave ``anonymous`` out of the ``wandb.init`` arguments of a ``WandbLogger`` that did not set it: Lightning
+    passes ``anonymous=None``, which wandb >= 0.19 answers with "The anonymous setting has no effect" on every run
+    (Lightning 2.6.6: ``WandbLogger._wandb_init``)."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+
+
+def set_subcommand_help(parser: Any, helps: Mapping[str, str]) -> None:
+    """Set the one-line descriptions that a LightningCLI parser's top-level help shows for its subcommands, which
+    Lightning takes from the first docstring line of each Trainer method (Lightning 2.6.6 with jsonargparse 4: the
+    parser's ``_subcommands_action``, argparse's ``_choices_actions``)."""
+    action = parser._subcommands_action  # None when the CLI was built with `run=False`: no subcommands
+    for choice in action._choices_actions if action is not None else ():
+        if choice.dest in helps:
+            choice.help = helps[choice.dest]

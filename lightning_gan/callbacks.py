@@ -87,7 +87,8 @@ class ParzenEvaluation(Callback):
     Args:
         num_samples: generator samples used as window centres (the authors: 10,000), drawn from
             ``GAN.sampling_generator``: the generator's weight average when the GAN keeps one (``ema_decay``).
-        every_n_epochs: select sigma (and log ``parzen/val_ll``) every this many validation epochs.
+        every_n_epochs: select sigma (and log ``parzen/val_ll``) every this many validation epochs of ``fit``;
+            ``validate`` always does.
         val_size: validation images used to choose sigma (the authors: the first 1,000 of MNIST's validation split;
             ``None``: the whole split, as for TFD's valid fold).
         sigmas: the sigma grid; default ``logspace(-1, 0, 10)``.
@@ -220,8 +221,10 @@ class ParzenEvaluation(Callback):
         return self._images(trainer, "val", self.val_size).flatten(1).to(device)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+        if trainer.sanity_checking:
             return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return  # `validate` of a checkpoint always reports it
         self.select(trainer, pl_module)
         # identical on every rank: sync_dist's mean leaves them as they are (and spares Lightning's DDP warning)
         pl_module.log("parzen/sigma", self.sigma, sync_dist=True)

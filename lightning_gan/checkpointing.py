@@ -269,7 +269,7 @@ class InterruptCheckpoint(Callback):
             )
             return
         path = folder / f"{self.filename}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint (and no "not set" notice)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

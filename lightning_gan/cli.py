@@ -1,12 +1,9 @@
 """The ``lightning-gan`` command: LightningCLI over :class:`GAN` and :class:`GANDataModule` (or subclasses).
 
-Runs log to Weights & Biases by default (project ``lightning-gan``); without credentials, and with ``WANDB_MODE``
-unset, offline, with one notice saying where and how to upload it (:mod:`lightning_gan.wandb_setup`)."""
+Runs log to Weights & Biases (project ``lightning-gan``), offline without credentials (:mod:`.wandb_setup`)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 from jsonargparse import Namespace, lazy_instance
@@ -17,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_gan import cli_checks, quiet, summary
 from lightning_gan.checkpointing import with_safe_checkpointing
 from lightning_gan.ckpt_settings import CheckpointSettingsNotice
 from lightning_gan.data import GANDataModule
@@ -34,15 +32,8 @@ from lightning_gan.wandb_setup import (
     wandb_credentials_found,
 )
 
-__all__ = [  # with the W&B helpers that tests import from here
-    "GANCLI",
-    "WANDB_PROJECT",
-    "SaveRunConfig",
-    "build_cli",
-    "main",
-    "use_wandb_offline_without_credentials",
-    "wandb_credentials_found",
-]
+__all__ = ["GANCLI", "WANDB_PROJECT", "SaveRunConfig", "build_cli", "main"]  # with W&B helpers tests import from here
+__all__ += ["use_wandb_offline_without_credentials", "wandb_credentials_found"]
 
 # Each backward pass trains one network, so the other's parameters get no gradient in it: DDP must be told, or it
 # waits for them (Lightning-AI/pytorch-lightning#20328). Each of these has a registered `_find_unused_parameters_true`.
@@ -64,10 +55,16 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     @override
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, cli_checks.describe_subcommands(subparser_kwargs))
+        cli_checks.whole_subcommand_help(self.parser)
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
             {"trainer.logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir="lightning_logs")}
         )
+        cli_checks.add_test_after_fit(parser)
 
     def _of_subcommand(self, config: Namespace) -> Namespace:
         return config[self.subcommand] if self.subcommand else config
@@ -79,6 +76,7 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
         continues its run, and ``validate``/``test`` add their metrics to it, at the checkpoint's step. A ``ddp``
         strategy becomes its ``find_unused_parameters_true`` variant."""
         config = self._of_subcommand(self.config)
+        quiet.quiet_known_warnings(resuming=self.subcommand == "fit" and bool(config.get("ckpt_path")))
         self._continued_run = continue_wandb_runs(config, self.parser.error)
         if config.get("trainer", {}).get("strategy") in _DDP_STRATEGIES:
             config.trainer.strategy = f"{config.trainer.strategy}_find_unused_parameters_true"
@@ -118,20 +116,21 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
             kwargs["callbacks"] = callbacks
         built = super().instantiate_trainer(**with_safe_checkpointing(trainer, kwargs))
         prepare_wandb(built, continues_run=self._continued_run is not None)
+        quiet.quiet_wandb_loggers(built.loggers)
         return built
 
-
-def _importable_from_working_directory() -> None:
-    """Let a config's ``class_path`` name a module in the working directory (``my_gan.MyGAN``), as it can under
-    ``python -m lightning_gan``: the console script puts only its own folder on ``sys.path``. Appended, so the
-    working directory never shadows an installed package."""
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    def after_fit(self) -> None:
+        """With ``--test_after_fit``, test the best checkpoint; then say where everything went (rank zero)."""
+        config = self._of_subcommand(self.config)
+        if config.get("test_after_fit"):
+            summary.run_test_after_fit(self.trainer, self.model, self.datamodule)
+        summary.print_fit_summary(self.trainer, [str(path) for path in config.get("config") or []])
 
 
 def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
     """Parse ``args`` (default: ``sys.argv``) and, unless ``run=False`` is passed, run the subcommand."""
-    _importable_from_working_directory()
+    cli_checks.refuse_single_optimizer_flags(args)
+    cli_checks.importable_from_working_directory()
     kwargs.setdefault("save_config_callback", SaveRunConfig)
     kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
     return GANCLI(
@@ -140,12 +139,12 @@ def build_cli(args: ArgsType = None, **kwargs: Any) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        auto_configure_optimizers=False,  # a GAN has two optimizers, set on the model (see cli_checks)
         args=args,
         **kwargs,
     )
 
 
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-gan fit|validate|test --config configs/<name>.yaml [--key value ...]`` (exit codes and error
-    messages: :mod:`lightning_gan.errors`)."""
+    """Run ``lightning-gan fit|validate|test --config CONFIG [--key value ...]`` (exit codes: :mod:`.errors`)."""
     run_command(lambda: build_cli(args), finish_wandb_run)

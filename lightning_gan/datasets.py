@@ -54,9 +54,13 @@ def _ensure_files(
     """Fetch missing files with ``download`` (if given); if any is still missing, raise FileNotFoundError."""
     missing = [name for name in names if not (folder / name).is_file()]
     if missing and download is not None:
+        created = [path for path in (folder, *folder.absolute().parents) if not path.exists()]  # deepest first
         try:
             download()
         except Exception as err:  # torchvision raises RuntimeError or URLError subclasses when offline
+            for path in created:  # the empty folders a failed download leaves (data/MNIST/raw)
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
             raise FileNotFoundError(message(folder, missing, f"the download failed: {err}")) from err
         missing = [name for name in names if not (folder / name).is_file()]
     if missing:

@@ -187,7 +187,7 @@ def test_the_console_script_and_python_m_run_the_cli(
 def test_readme_subclassing_example_runs_through_the_cli(
     mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    readme = (CONFIGS.parent / "README.md").read_text()
+    readme = (CONFIGS.parent / "docs" / "subclassing.md").read_text()
     module_code = re.search(r"```python\n# my_gan.py\n(.*?)```", readme, re.S).group(1)
     user_yaml = re.search(r"```yaml\n# my.yaml[^\n]*\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "my_gan.py").write_text(module_code)

@@ -114,3 +114,27 @@ def test_float_last_lrs_reads_the_key_a_scheduler_saves() -> None:
     with internal("float_last_lrs"):
         _lightning.float_last_lrs(state)
         assert state["_last_lr"] == [0.5] and all(type(lr) is float for lr in state["_last_lr"])
+
+
+def test_drop_unset_wandb_anonymous_leaves_it_out_of_wandb_init(tmp_path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    unset, chosen = WandbLogger(save_dir=tmp_path, offline=True), WandbLogger(save_dir=tmp_path, anonymous=True)
+    with internal("drop_unset_wandb_anonymous"):
+        assert unset._wandb_init["anonymous"] is None  # what makes wandb warn
+        _lightning.drop_unset_wandb_anonymous(unset)
+        _lightning.drop_unset_wandb_anonymous(chosen)
+        assert "anonymous" not in unset._wandb_init and chosen._wandb_init["anonymous"] == "allow"
+
+
+def test_set_subcommand_help_replaces_the_top_level_help_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(LightningModule, run=False, args=[])  # a parser with subcommands is built only for `run=True`
+    parser = cli.init_parser()
+    parser.add_subcommands().add_subcommand("fit", cli.init_parser(), help="cut off in the mid")
+    with internal("set_subcommand_help"):
+        _lightning.set_subcommand_help(parser, {"fit": "A whole sentence."})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "A whole sentence." in capsys.readouterr().out
