@@ -106,6 +106,16 @@ def _restore_environ_and_sys_path() -> Iterator[None]:
     sys.path[:] = path
 
 
+@pytest.fixture(autouse=True)
+def _no_live_wandb_run() -> Iterator[None]:
+    """Finish a W&B run that a test left live (a CLI built in-process runs without ``main``'s finish): the next
+    test's ``WandbLogger`` would otherwise log into it, in the other test's folder."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding ``MNIST/raw`` with synthetic data in the real IDX format."""
