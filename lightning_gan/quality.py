@@ -154,14 +154,13 @@ class SampleQuality(Callback):
             with torch.no_grad():
                 num_features = int(self.feature(images[:2].to(device)).shape[-1])
         shared = _Shared(self.feature, int(num_features))
-        score = None
-        if self.classifier is not None:
-            is_default = isinstance(self.feature, FeatureExtractor) and self.feature.classifier is self.classifier
-            score = InceptionScore(
-                feature=_HeadOn(shared, self.classifier.head) if is_default else self.classifier, splits=1
-            )
+        score, classifier = None, self.classifier
+        if isinstance(self.feature, FeatureExtractor) and classifier is self.feature.classifier:
+            classifier = _HeadOn(shared, classifier.head)
         with warnings.catch_warnings():  # "will save all extracted features in buffer": 10,000 x d, as intended
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            if classifier is not None:
+                score = InceptionScore(feature=classifier, splits=1)
             metrics = _Metrics(
                 fid=FrechetInceptionDistance(feature=shared, reset_real_features=False, normalize=True),
                 kid=KernelInceptionDistance(

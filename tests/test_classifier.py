@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from lightning_gan import mnist_classifier

@@ -1,8 +1,10 @@
 """Improved precision and recall (Kynkäänniemi et al., 2019) on features, with k-nearest-neighbour radii.
 
 A fake sample is *precise* if it falls inside the k-NN ball of some real sample; a real sample is *recalled* if it
-falls inside the k-NN ball of some fake sample. All distances come from the package's chunked distance engine
-(:func:`lightning_gan.parzen.pairwise_sq_dists_chunks`), so memory stays bounded by its block size.
+falls inside the k-NN ball of some fake sample. The callback's features are L2-normalised first (``normalize``): in
+raw ReLU feature space the classifier maps ambiguous images (e.g. two digits averaged) near the origin, where the
+large balls of atypical real digits cover them (docs/quality.md). All distances come from the package's
+chunked distance engine (:func:`lightning_gan.parzen.pairwise_sq_dists_chunks`): memory is bounded by its blocks.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class PrecisionRecall(Metric):
     """Improved precision and recall of fake images against real ones, on ``feature(images)`` (N, d).
 
     ``update(images, real)`` as torchmetrics' ``FrechetInceptionDistance``; the features of each side are gathered
-    across processes in rank order. With ``reset_real_features=False`` (default) the real features, and their k-NN
-    radii, are kept across ``reset()``. ``compute()`` returns ``(precision, recall)`` as 0-d tensors.
+    across processes in rank order, L2-normalised first when ``normalize``. With ``reset_real_features=False``
+    (default) the real features, and their k-NN radii, are kept across ``reset()``. ``compute()`` returns
+    ``(precision, recall)`` as 0-d tensors.
     """
 
     is_differentiable = False
@@ -56,13 +59,20 @@ class PrecisionRecall(Metric):
     real_features: list[Tensor]
     fake_features: list[Tensor]
 
-    def __init__(self, feature: nn.Module, k: int = 3, reset_real_features: bool = False, **kwargs: object) -> None:
+    def __init__(
+        self,
+        feature: nn.Module,
+        k: int = 3,
+        normalize: bool = True,
+        reset_real_features: bool = False,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if not isinstance(feature, nn.Module):
             raise TypeError(f"feature must be an nn.Module returning (N, d) features, got {type(feature).__name__}.")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
-        self.feature, self.k, self.reset_real_features = feature, k, reset_real_features
+        self.feature, self.k, self.normalize, self.reset_real_features = feature, k, normalize, reset_real_features
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
         self.real_radii: Tensor | None = None
@@ -70,6 +80,8 @@ class PrecisionRecall(Metric):
     def update(self, imgs: Tensor, real: bool) -> None:
         """Add the features of a batch of real or fake images."""
         features = self.feature(imgs).float()
+        if self.normalize:
+            features = nn.functional.normalize(features, dim=1)
         (self.real_features if real else self.fake_features).append(features)
         if real:
             self.real_radii = None
@@ -88,6 +100,6 @@ class PrecisionRecall(Metric):
             super().reset()
             self.real_radii = None
             return
-        kept = self.real_features
+        kept = list(self.real_features)  # torchmetrics clears list states in place
         super().reset()
         self.real_features = kept
