@@ -162,10 +162,9 @@ def test_the_callback_logs_every_value_prints_a_line_and_leaves_the_random_strea
     trainer.test(gan, datamodule=Small(batch_size=100))
     out = capsys.readouterr().out
     r = callback.results
-    assert (
-        f"Sample quality (Small test, MNIST classifier features): FID {r['quality/fid']:.2f}, KID {r['quality/kid_mean']:.4f}"
-        in out
-    )
+    line = f"Sample quality (Small test, MNIST classifier features): FID {r['quality/fid']:.2f}, KID "
+    line += f"{r['quality/kid_mean']:.4f} ± {r['quality/kid_std']:.4f}, precision {r['quality/precision']:.3f}"
+    assert line in out
     assert "1000 samples, 1000 examples" in out and r != again  # the test split, not validation
 
 
