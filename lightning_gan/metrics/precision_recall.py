@@ -4,19 +4,30 @@ A fake sample is *precise* if it falls inside the k-NN ball of some real sample;
 falls inside the k-NN ball of some fake sample. The callback's features are L2-normalised first (``normalize``): in
 raw ReLU feature space the classifier maps ambiguous images (e.g. two digits averaged) near the origin, where the
 large balls of atypical real digits cover them (docs/quality.md). All distances come from the package's
-chunked distance engine (:func:`lightning_gan.parzen.pairwise_sq_dists_chunks`): memory is bounded by its blocks.
+chunked distance engine (``lightning_gan.parzen``'s blocks under ``pairwise_sq_dists_chunks``, before the row norms
+are added): memory is bounded by its blocks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_gan.parzen import pairwise_sq_dists_chunks
+# the engine's blocks before the row norms are added: comparisons and top-k need no fresh (N x M) tensor
+from lightning_gan.parzen import _Centres, _check_pair, _chunks, _compute_dtype, _partial_blocks
 
 __all__ = ["PrecisionRecall", "knn_radii", "precision_recall"]
+
+
+def _blocks(x: Tensor, y: Tensor) -> Iterator[tuple[int, int, int, int, Tensor, Tensor]]:
+    """``(i0, i1, j0, j1, P, xx)`` with ``||x_i - y_j||^2 = P + xx``; ``P`` is reused by the next block."""
+    x, y = _check_pair("x", x, "y", y)
+    chunk_x, chunk_y = _chunks(x.device, None, None)
+    return _partial_blocks(x, _Centres(y, chunk_y, _compute_dtype(x, y, None)), chunk_x)
 
 
 def knn_radii(features: Tensor, k: int = 3) -> Tensor:
@@ -24,10 +35,10 @@ def knn_radii(features: Tensor, k: int = 3) -> Tensor:
     if not isinstance(k, int) or k < 1 or features.shape[0] <= k:
         raise ValueError(f"k={k!r} needs a positive integer below the number of points ({features.shape[0]}).")
     best = torch.full((features.shape[0], k + 1), torch.inf, device=features.device)
-    for rows, _, d2 in pairwise_sq_dists_chunks(features, features):
-        merged = torch.cat([best[rows], d2.float()], 1)
-        best[rows] = merged.topk(k + 1, dim=1, largest=False, sorted=True).values
-    return best[:, k]  # column 0 is the point itself
+    for i0, i1, _, _, p, xx in _blocks(features, features):
+        block = p.topk(min(k + 1, p.shape[1]), dim=1, largest=False).values.double() + xx[:, None]  # row order is P's
+        best[i0:i1] = torch.cat([best[i0:i1], block.float()], 1).topk(k + 1, dim=1, largest=False).values
+    return best.sort(1).values[:, k].clamp_min(0)  # column 0 is the point itself
 
 
 def precision_recall(
@@ -38,9 +49,10 @@ def precision_recall(
     fake_radii = knn_radii(fake, k) if fake_radii is None else fake_radii
     precise = torch.zeros(fake.shape[0], dtype=torch.bool, device=fake.device)
     recalled = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
-    for rows, cols, d2 in pairwise_sq_dists_chunks(fake, real):  # d2[i, j] = ||fake_i - real_j||^2
-        precise[rows] |= (d2 <= real_radii[cols][None, :]).any(1)
-        recalled[cols] |= (d2 <= fake_radii[rows][:, None]).any(0)
+    for i0, i1, j0, j1, p, xx in _blocks(fake, real):  # ||fake_i - real_j||^2 = p[i, j] + xx[i]
+        recalled[j0:j1] |= (p <= (fake_radii[i0:i1].double() - xx).to(p.dtype)[:, None]).any(0)
+        p.sub_(real_radii[j0:j1].to(p.dtype)[None, :])  # in place: the block is not read again
+        precise[i0:i1] |= p.amin(1).double() <= -xx
     return float(precise.float().mean()), float(recalled.float().mean())
 
 
