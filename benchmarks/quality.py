@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from bench_common import DATA_ROOT, load_cli
 
-from lightning_gan import ParzenEvaluation, ParzenLogLikelihood, SampleQuality
+from lightning_gan import ParzenEvaluation, ParzenLogLikelihood, SampleQuality, select_sigma
 from lightning_gan.datasets import load_mnist
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -36,12 +36,29 @@ def parzen(trainer: SimpleNamespace, gan: torch.nn.Module) -> float:
     return float(metric.compute()[0])
 
 
+def floor(root: Path) -> None:
+    """The numbers of real data: train[:10000] as the samples, against the test split (Parzen: sigma on val[:1000])."""
+    splits = load_mnist(root, download=False)
+    centres = splits.train.images[:10000].flatten(1)
+    sigma, _ = select_sigma(splits.val.images[:1000].flatten(1), centres)
+    metric = ParzenLogLikelihood(centres, sigma)
+    for batch in splits.test.images.split(1000):
+        metric.update(batch)
+    mean, se = metric.compute()
+    print(f"Parzen test LL {float(mean):.1f} ± {float(se):.1f} (sigma {sigma:.4f})")
+    print(SampleQuality().measure("test", splits.test.images, list(splits.train.images[:10000].split(500))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mnist-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--floor", action="store_true", help="only the real-data floor: train[:10000] as samples")
     args = parser.parse_args()
+    if args.floor:
+        floor(args.mnist_root)
+        return
     torch.manual_seed(0)
     gan = load_cli(CONFIG, args.mnist_root).model.eval()
     trainer = SimpleNamespace(world_size=1, global_rank=0, datamodule=SimpleNamespace(

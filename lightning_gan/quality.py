@@ -218,18 +218,29 @@ class SampleQuality(Callback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, split: str) -> dict[str, float]:
         """Every statistic of ``num_samples`` samples against the ``split`` images; the same on every rank."""
         reference = self._reference(trainer, split)
-        metrics = self.metrics.get(split)
-        if metrics is None or metrics.fid.device != pl_module.device:
-            metrics = self.metrics[split] = self._build(reference, pl_module.device)
+        per_rank = math.ceil(len(reference) / trainer.world_size)
+        shard = reference[trainer.global_rank * per_rank : (trainer.global_rank + 1) * per_rank]
+        samples = self._samples(trainer, pl_module, tuple(reference.shape[1:]))
+        return self.measure(split, shard, samples, pl_module.device)
+
+    @torch.no_grad()
+    def measure(
+        self, key: str, reference: Tensor, samples: list[Tensor], device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
+        """The statistics of the batches ``samples`` against the images ``reference`` (this process's shares of
+        both). The reference statistics are computed on the first call for ``key`` and kept for later ones."""
+        device = torch.device(device)
+        metrics = self.metrics.get(key)
+        if metrics is None or metrics.fid.device != device:
+            metrics = self.metrics[key] = self._build(reference, device)
         if not metrics.has_real:
-            per_rank = math.ceil(len(reference) / trainer.world_size)
-            shard = reference[trainer.global_rank * per_rank : (trainer.global_rank + 1) * per_rank]
-            for batch in shard.split(1000):
-                batch = batch.to(pl_module.device).float()
+            for batch in reference.split(1000):
+                batch = batch.to(device).float()
                 for metric in (metrics.fid, metrics.kid, metrics.pr):
                     metric.update(batch, real=True)
             metrics.has_real = True
-        for batch in self._samples(trainer, pl_module, tuple(reference.shape[1:])):
+        for batch in samples:
+            batch = batch.to(device).float()
             for metric in (metrics.fid, metrics.kid, metrics.pr):
                 metric.update(batch, real=False)
             if metrics.score is not None:
