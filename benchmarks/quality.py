@@ -77,9 +77,10 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             print(f"{name}: {times[name][-1]:.2f} s", flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
-    paired = {name: statistics.median(a / b for a, b in zip(t, times["parzen"], strict=True)) for name, t in times.items()}
+    base = times["parzen"]
+    paired = {name: statistics.median(a / b for a, b in zip(t, base, strict=True)) for name, t in times.items()}
     rows = [
-        "| evaluation (10,000 samples, MNIST test) | median s | runs (s) | ratio of medians | median of paired ratios |",
+        "| evaluation (10,000 samples, MNIST test) | median s | runs (s) | ratio of medians | median paired ratio |",
         "|---|---|---|---|---|",
         *(
             f"| {name} | {med[name]:.2f} | {', '.join(f'{t:.2f}' for t in runs)} | {med[name] / med['parzen']:.2f} "
