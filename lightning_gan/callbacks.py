@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_gan._lightning import checkpoint_cadence
-from lightning_gan.checks import check_positive_int
+from lightning_gan.checks import check_positive_ints
 from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.guards import check_samples
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
@@ -111,14 +111,8 @@ class ParzenEvaluation(Callback):
         seed: int = 1234,
         chunk_size: int = 500,
     ) -> None:
-        for name, value in (
-            ("num_samples", num_samples),
-            ("every_n_epochs", every_n_epochs),
-            ("val_size", 1 if val_size is None else val_size),
-            ("chunk_size", chunk_size),
-            ("test_size", 1 if test_size is None else test_size),
-        ):
-            check_positive_int(name, value)
+        sizes = {"num_samples": num_samples, "every_n_epochs": every_n_epochs, "val_size": val_size}
+        check_positive_ints({**sizes, "chunk_size": chunk_size, "test_size": test_size}, ("val_size", "test_size"))
         if sigmas is not None and (len(sigmas) == 0 or not all(math.isfinite(s) and s > 0 for s in sigmas)):
             raise ValueError(f"Expected `sigmas` to be a non-empty list of positive numbers, but got {sigmas!r}.")
         if sigmas is not None:

@@ -23,7 +23,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightning_gan.checks import check_positive_int
+from lightning_gan.checks import check_positive_ints
 from lightning_gan.metrics.classifier import FeatureExtractor, mnist_classifier
 from lightning_gan.metrics.precision_recall import PrecisionRecall
 from lightning_gan.nets import eval_forward
@@ -112,16 +112,9 @@ class SampleQuality(Callback):
         seed: int = 4321,
         chunk_size: int = 500,
     ) -> None:
-        for name, value in (
-            ("num_samples", num_samples),
-            ("every_n_epochs", every_n_epochs),
-            ("k", k),
-            ("kid_subsets", kid_subsets),
-            ("kid_subset_size", kid_subset_size),
-            ("reference_size", 1 if reference_size is None else reference_size),
-            ("chunk_size", chunk_size),
-        ):
-            check_positive_int(name, value)
+        counts = {"num_samples": num_samples, "every_n_epochs": every_n_epochs, "k": k, "kid_subsets": kid_subsets}
+        counts |= {"kid_subset_size": kid_subset_size, "reference_size": reference_size, "chunk_size": chunk_size}
+        check_positive_ints(counts, optional=("reference_size",))
         if kid_subset_size > num_samples or (reference_size is not None and kid_subset_size > reference_size):
             raise ValueError(
                 f"kid_subset_size={kid_subset_size} is larger than num_samples={num_samples} or reference_size="
