@@ -61,7 +61,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     gan = load_cli(CONFIG, args.mnist_root).model.eval()
-    trainer = SimpleNamespace(world_size=1, global_rank=0, datamodule=SimpleNamespace(
+    trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0, datamodule=SimpleNamespace(
         splits=load_mnist(args.mnist_root, download=False), dataset_name="MNIST"))  # fmt: skip
     times: dict[str, list[float]] = {"parzen": [], "quality_first": [], "quality_steady": []}
     steady = SampleQuality()

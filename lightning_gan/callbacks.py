@@ -24,9 +24,8 @@ from lightning_gan.checks import check_positive_ints
 from lightning_gan.figures import LatentInterpolation, SampleGrid
 from lightning_gan.guards import check_samples
 from lightning_gan.monitor import CollapseMonitor, GANProgressBar
-from lightning_gan.nets import eval_forward
 from lightning_gan.parzen import ParzenLogLikelihood, check_min_sigma, select_sigma
-from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
+from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_samples
 
 # The figure callbacks live in figures.py, the monitor and progress bar in monitor.py; importable from here too.
 __all__ = [
@@ -155,7 +154,7 @@ class ParzenEvaluation(Callback):
         generator, device = sampling_generator(pl_module), pl_module.device
 
         def sample(n: int, seed: int) -> Tensor:  # seeded noise leaves the training noise stream untouched
-            return eval_forward(generator, seeded_noise(generator, n, seed, device)).flatten(1)
+            return seeded_samples(generator, n, seed, device).flatten(1)
 
         chunks = [sample(self.chunk_size, self.seed + c) for c in range(rank, n_chunks, world)]
         dim = chunks[0].shape[1] if chunks else sample(1, self.seed).shape[1]  # a rank with no chunk

@@ -169,8 +169,12 @@ def check_samples(samples: Tensor, step: int, what: str = "the Parzen evaluation
     (rather than an evaluation's advice to clean its input)."""
     if bool(torch.isfinite(samples.sum())) or bool(torch.isfinite(samples).all()):  # one fast pass when all is well
         return
-    bad = int((~torch.isfinite(samples)).sum())
-    raise NonFiniteError(
+    raise diverged_generator(int((~torch.isfinite(samples)).sum()), step, what)
+
+
+def diverged_generator(bad: int, step: int, what: str) -> NonFiniteError:
+    """The error for ``bad`` NaN/Inf values in the generator's samples for ``what``, with advice about the generator."""
+    return NonFiniteError(
         f"The generator's samples for {what} hold {bad} NaN/Inf values (global step {step}): the generator has "
         "diverged (its weights or outputs are non-finite); no change to the evaluation can fix that. Lower the "
         "generator's learning rate or momentum (model.init_args.generator_optimizer), or train with "

@@ -24,10 +24,11 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from lightning_gan.checks import check_positive_ints
+from lightning_gan.distributed import all_reduce
+from lightning_gan.guards import diverged_generator
 from lightning_gan.metrics.classifier import FeatureExtractor, mnist_classifier
 from lightning_gan.metrics.precision_recall import PrecisionRecall
-from lightning_gan.nets import eval_forward
-from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_noise
+from lightning_gan.sampling import datamodule_images, sampling_generator, seeded_samples
 
 __all__ = ["SampleQuality"]
 
@@ -183,27 +184,29 @@ class SampleQuality(Callback):
                     f"SampleQuality's default features come from the MNIST classifier, for (1, 28, 28) images; this "
                     f"data has {tuple(images.shape[1:])}: pass `feature=` a module for it (docs/quality.md)."
                 )
-            if self.reference_size is None and len(images) < self.kid_subset_size:
+            if len(images[: self.reference_size]) < self.kid_subset_size:
                 raise ValueError(
                     f"SampleQuality: the {split} split has {len(images)} images, fewer than kid_subset_size="
                     f"{self.kid_subset_size}; lower kid_subset_size."
                 )
 
     def _reference(self, trainer: Trainer, split: str) -> Tensor:
-        images = datamodule_images(trainer.datamodule, split, "SampleQuality")
-        return images[: self.reference_size] if self.reference_size is not None else images
+        return datamodule_images(trainer.datamodule, split, "SampleQuality")[: self.reference_size]
 
     @torch.no_grad()
     def _samples(self, trainer: Trainer, pl_module: LightningModule, shape: tuple[int, ...]) -> list[Tensor]:
-        """This rank's contiguous block of the seeded sample chunks (chunk ``c`` from noise seeded ``seed + c``)."""
+        """This rank's contiguous block of the seeded sample chunks (chunk ``c`` from noise seeded ``seed + c``);
+        a :class:`~lightning_gan.guards.NonFiniteError` on every rank when a rank's samples hold NaN/Inf."""
         n_chunks = math.ceil(self.num_samples / self.chunk_size)
         per_rank = math.ceil(n_chunks / trainer.world_size)
         generator, device = sampling_generator(pl_module), pl_module.device
         chunks = []
         for c in range(trainer.global_rank * per_rank, min(n_chunks, (trainer.global_rank + 1) * per_rank)):
             n = min(self.chunk_size, self.num_samples - c * self.chunk_size)
-            noise = seeded_noise(generator, n, self.seed + c, device)
-            chunks.append(eval_forward(generator, noise).reshape(n, *shape).float())
+            chunks.append(seeded_samples(generator, n, self.seed + c, device).reshape(n, *shape).float())
+        bad = torch.tensor(sum(int((~torch.isfinite(chunk)).sum()) for chunk in chunks), device=device)
+        if bad := int(all_reduce(bad, "sum")):  # summed over the ranks: every rank raises together
+            raise diverged_generator(bad, trainer.global_step, "SampleQuality")
         return chunks
 
     # ------------------------------------------------------------------ evaluation

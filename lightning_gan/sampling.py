@@ -1,5 +1,5 @@
 """What the callbacks and the module share to draw from a GAN outside training: seeded noise that leaves the
-training random stream untouched, the generator to draw from, and a datamodule's images."""
+training random stream untouched (and samples from it), the generator to draw from, and a datamodule's images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_gan.nets.layers import eval_forward
 
 
 def seeded_noise(generator: nn.Module, n: int, seed: int, device: torch.device | str | None = None) -> Tensor:
@@ -16,6 +18,11 @@ def seeded_noise(generator: nn.Module, n: int, seed: int, device: torch.device |
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return generator.sample_noise(n, device).detach()
+
+
+def seeded_samples(generator: nn.Module, n: int, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """``n`` samples of ``generator``, in eval mode, from :func:`seeded_noise` drawn from ``seed``."""
+    return eval_forward(generator, seeded_noise(generator, n, seed, device))
 
 
 def sampling_generator(module: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lightning_gan import GAN, GANDataModule, MaxoutDiscriminator, MLPGenerator, SampleQuality, mnist_classifier
 from lightning_gan.datasets import Split, Splits, load_mnist
+from lightning_gan.guards import NonFiniteError
 from lightning_gan.metrics import knn_radii, precision_recall
 
 KEYS = ["fid", "kid_mean", "kid_std", "precision", "recall", "classifier_score"]
@@ -178,6 +179,26 @@ def test_images_the_default_classifier_cannot_read_are_refused_before_training()
         quiet_trainer(max_steps=1, callbacks=[quality()]).fit(tiny_gan(), datamodule=Colour())
     with pytest.raises(ValueError, match="kid_subset_size"):
         SampleQuality(num_samples=100)
+
+
+def test_a_split_smaller_than_kid_s_subsets_is_refused_whatever_the_reference_size() -> None:
+    callback = SampleQuality(num_samples=1000, kid_subset_size=500, reference_size=5000)
+    with pytest.raises(ValueError, match=r"the val split has 200 images, fewer than kid_subset_size=500"):
+        quiet_trainer(max_steps=1, callbacks=[callback]).fit(tiny_gan(), datamodule=Tiny(batch_size=100))
+
+
+class Tiny(Small):
+    def load_splits(self) -> Splits:
+        splits = super().load_splits()
+        return Splits(splits.val, splits.train, splits.test)  # a validation split of 200 images
+
+
+def test_a_diverged_generator_gets_advice_about_the_generator() -> None:
+    gan = tiny_gan()
+    with torch.no_grad():
+        gan.generator.output_layer.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"samples for SampleQuality hold 1000 NaN/Inf values \(global step 0\)"):
+        quiet_trainer(callbacks=[quality()]).validate(gan, datamodule=Small(batch_size=100), verbose=False)
 
 
 def test_a_custom_feature_module_without_num_features_is_used() -> None:

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 # the engine's blocks before the row norms are added: comparisons and top-k need no fresh (N x M) tensor
+from lightning_gan.checks import check_positive_int
 from lightning_gan.parzen import _Centres, _check_pair, _chunks, _compute_dtype, _partial_blocks
 
 __all__ = ["PrecisionRecall", "knn_radii", "precision_recall"]
@@ -32,7 +33,7 @@ def _blocks(x: Tensor, y: Tensor) -> Iterator[tuple[int, int, int, int, Tensor, 
 
 def knn_radii(features: Tensor, k: int = 3) -> Tensor:
     """Squared distance of each row of ``features`` (N, d) to its ``k``-th nearest other row: (N,) float32."""
-    if not isinstance(k, int) or k < 1 or features.shape[0] <= k:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or features.shape[0] <= k:
         raise ValueError(f"k={k!r} needs a positive integer below the number of points ({features.shape[0]}).")
     best = torch.full((features.shape[0], k + 1), torch.inf, device=features.device)
     for i0, i1, _, _, p, xx in _blocks(features, features):
@@ -82,8 +83,7 @@ class PrecisionRecall(Metric):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if not isinstance(feature, nn.Module):
             raise TypeError(f"feature must be an nn.Module returning (N, d) features, got {type(feature).__name__}.")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        check_positive_int("k", k)
         self.feature, self.k, self.normalize, self.reset_real_features = feature, k, normalize, reset_real_features
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
