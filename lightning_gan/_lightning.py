@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
@@ -21,6 +21,17 @@ def instantiated_by_cli() -> bool:
     """Whether the module being built is instantiated by LightningCLI, which then hands it the parsed config as its
     hyperparameters (Lightning 2.6: ``hparams_mixin._given_hyperparameters``, set by the CLI's instantiator)."""
     return _given_hyperparameters.get() is not None
+
+
+# The key under which Lightning 2.6 saves the CLI's instantiator in a module's hyperparameters (``hparams_mixin``);
+# Lightning checks its value against an allowlist of its own when it loads a checkpoint (``core.saving``).
+HPARAMS_INSTANTIATOR_KEY = "_instantiator"
+
+
+def load_from_checkpoint_as(cls: type[LightningModule], checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+    """``LightningModule.load_from_checkpoint`` for the class ``cls``, called from a function that replaces it
+    (Lightning 2.6: the method is a ``_restricted_classmethod`` descriptor, whose ``__get__`` binds it to ``cls``)."""
+    return vars(LightningModule)["load_from_checkpoint"].__get__(None, cls)(checkpoint_path, *args, **kwargs)
 
 
 def count_optimizer_step(trainer: Trainer) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
+from lightning_gan._lightning import HPARAMS_INSTANTIATOR_KEY, load_from_checkpoint_as
 from lightning_gan.errors import LightningGANError
 
 __all__ = [
@@ -70,7 +71,7 @@ def class_paths(tree: Any) -> Iterator[str]:
         tree = tree.as_dict()
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if key != "_instantiator":  # Lightning checks it against an allowlist of its own
+            if key != HPARAMS_INSTANTIATOR_KEY:  # Lightning checks it against an allowlist of its own
                 yield from class_paths(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
@@ -155,7 +156,7 @@ def load_vetted(cls: type[LightningModule], checkpoint_path: Any, *args: Any, **
     """``LightningModule.load_from_checkpoint`` after :func:`vet_checkpoint`: the checkpoint may name only allowed
     classes (a ``classmethod`` of :class:`~lightning_gan.GAN`)."""
     vet_checkpoint(checkpoint_path)
-    return vars(LightningModule)["load_from_checkpoint"].__get__(None, cls)(checkpoint_path, *args, **kwargs)
+    return load_from_checkpoint_as(cls, checkpoint_path, *args, **kwargs)
 
 
 class VettedCheckpoints:

@@ -89,6 +89,30 @@ def test_instantiated_by_cli() -> None:
             assert _lightning.instantiated_by_cli()
 
 
+class Loadable(LightningModule):
+    def __init__(self, width: int = 1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(width, 1)
+
+
+def test_load_from_checkpoint_as_and_the_instantiator_key(tmp_path) -> None:
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    path = tmp_path / "loadable.ckpt"
+    with _given_hyperparameters_context(hparams={"width": 3}, instantiator="lightning.pytorch.cli.instantiate_module"):
+        module = Loadable(width=3)
+    import lightning
+
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    torch.save({**checkpoint, "pytorch-lightning_version": lightning.__version__}, path)
+    with internal("HPARAMS_INSTANTIATOR_KEY"):
+        assert _lightning.HPARAMS_INSTANTIATOR_KEY in torch.load(path, weights_only=True)["hyper_parameters"]
+    with internal("load_from_checkpoint_as"):
+        loaded = _lightning.load_from_checkpoint_as(Loadable, path)
+        assert type(loaded) is Loadable and loaded.layer.in_features == 3
+
+
 def test_foreach_move_towards_rounds_as_the_per_tensor_operations() -> None:
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
