@@ -176,6 +176,6 @@ class VettedCheckpoints:
         if not Path(ckpt_path).is_file():
             raise CheckpointNotFoundError(
                 f"--ckpt_path {ckpt_path}: no such file. Give the path of a .ckpt file (e.g. "
-                "<run folder>/checkpoints/last.ckpt), or leave --ckpt_path out to start a new run."
+                "<run folder>/checkpoints/<name>.ckpt), or leave --ckpt_path out to start a new run."
             )
         vet_checkpoint(ckpt_path, trusted=class_paths(config))

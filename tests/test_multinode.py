@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -106,12 +105,3 @@ def test_two_nodes_train_and_give_the_parzen_ll_of_one_process(mnist_root: Path,
     (tmp_path / "logs").rename(tmp_path / "logs-two-nodes")
     build_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)])  # one process, in this one
     assert parzen_test_ll(tmp_path / "logs") == pytest.approx(two_nodes, abs=1e-4)  # as test_parzen_callback's DDP test
-
-
-def test_the_distributed_guide_links_resolve() -> None:
-    guide = ROOT / "docs" / "distributed.md"
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", guide.read_text())
-    assert links  # the guide links the README and the architecture page
-    for link in links:
-        if "://" not in link:
-            assert (guide.parent / link).resolve().exists(), link
