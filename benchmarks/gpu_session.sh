@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of lightning-gan, sized for a short lease of one GPU (README "Results and speed" holds what they
+# The GPU checks of lightning-gan, sized for a short lease of one GPU (docs/results.md holds what they
 # measured).
 #
 #   bash benchmarks/gpu_session.sh prepare             # here: MNIST into .device-data/, wheels into .device-wheels/

@@ -45,7 +45,7 @@ class MatmulPrecision(Callback):
     process, and puts the previous one back at its end.
 
     ``"high"`` lets CUDA use TF32 tensor cores (a 10-bit mantissa) for float32 matrix products: on an H200 the MNIST
-    networks' captured update ran 1.33x faster (README "Results and speed"). Torch's default is ``"highest"`` (full
+    networks' captured update ran 1.33x faster (docs/results.md). Torch's default is ``"highest"`` (full
     float32), which the configs keep. :func:`~lightning_gan.parzen_log_likelihood` always computes at ``"highest"``.
     On a CPU it changes nothing.
     """

@@ -14,6 +14,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_gan.cli_checks import subcommand_config
+
 __all__ = ["CheckpointSettingsNotice", "changed_settings"]
 
 
@@ -52,15 +54,11 @@ class CheckpointSettingsNotice:
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)  # type: ignore[misc]
-        section = self._section()
+        section = subcommand_config(self.config)
         self.given_model = _plain(section.get("model")) if section is not None else None
 
-    def _section(self) -> Any:
-        subcommand = self.config.get("subcommand")
-        return self.config.get(subcommand) if subcommand else self.config
-
     def instantiate_classes(self) -> None:
-        section = self._section()
+        section = subcommand_config(self.config)
         ckpt_path = section.get("ckpt_path") if section is not None else None
         if ckpt_path and self.given_model is not None:
             changed = changed_settings(self.given_model, section.get("model"))

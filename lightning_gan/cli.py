@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsonargparse import Namespace, lazy_instance
+from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -66,16 +66,13 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
         )
         cli_checks.add_test_after_fit(parser)
 
-    def _of_subcommand(self, config: Namespace) -> Namespace:
-        return config[self.subcommand] if self.subcommand else config
-
     @override
     def before_instantiate_classes(self) -> None:
         """Check the W&B loggers' project names (a usage error, not a traceback at the first log), and with a
         ``ckpt_path``, log to the W&B run of the checkpoint's training unless the logger's ``id`` is set: a resume
         continues its run, and ``validate``/``test`` add their metrics to it, at the checkpoint's step. A ``ddp``
         strategy becomes its ``find_unused_parameters_true`` variant."""
-        config = self._of_subcommand(self.config)
+        config = cli_checks.subcommand_config(self.config)
         quiet.quiet_known_warnings(resuming=self.subcommand == "fit" and bool(config.get("ckpt_path")))
         self._continued_run = continue_wandb_runs(config, self.parser.error)
         if config.get("trainer", {}).get("strategy") in _DDP_STRATEGIES:
@@ -102,7 +99,7 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
         the config's ``ModelCheckpoint`` callbacks when ``enable_checkpointing`` is false, and safe checkpointing
         (:func:`~lightning_gan.checkpointing.with_safe_checkpointing`: atomic files, a checkpoint on SIGTERM or
         Ctrl-C)."""
-        trainer = self._of_subcommand(self.config_init).get("trainer") or {}
+        trainer = cli_checks.subcommand_config(self.config_init).get("trainer") or {}
         if "callbacks" not in kwargs:
             callbacks = trainer.get("callbacks") or []
             callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
@@ -121,7 +118,7 @@ class GANCLI(VettedCheckpoints, CheckpointSettingsNotice, LightningCLI):
 
     def after_fit(self) -> None:
         """With ``--test_after_fit``, test the best checkpoint; then say where everything went (rank zero)."""
-        config = self._of_subcommand(self.config)
+        config = cli_checks.subcommand_config(self.config)
         if config.get("test_after_fit"):
             summary.run_test_after_fit(self.trainer, self.model, self.datamodule)
         summary.print_fit_summary(self.trainer, [str(path) for path in config.get("config") or []])

@@ -22,6 +22,13 @@ SUBCOMMAND_HELP = {
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 
 
+def subcommand_config(config: Any) -> Any:
+    """The part of a parsed (or instantiated) LightningCLI config that belongs to its subcommand: ``config[fit]``
+    for ``fit``, the whole config when there is no subcommand."""
+    subcommand = config.get("subcommand")
+    return config.get(subcommand) if subcommand else config
+
+
 def refuse_single_optimizer_flags(args: Sequence[str] | None) -> None:
     """Exit with status 2 and one line when ``args`` (default ``sys.argv``) set ``--optimizer`` or
     ``--lr_scheduler``, naming the GAN's own optimizer options instead."""

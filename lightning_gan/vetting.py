@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from lightning_gan._lightning import HPARAMS_INSTANTIATOR_KEY, load_from_checkpoint_as
+from lightning_gan.cli_checks import subcommand_config
 from lightning_gan.errors import LightningGANError
 
 __all__ = [
@@ -168,8 +169,7 @@ class VettedCheckpoints:
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)  # type: ignore[misc]
-        subcommand = self.config.get("subcommand")
-        config = self.config.get(subcommand) if subcommand else self.config
+        config = subcommand_config(self.config)
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if not ckpt_path or str(ckpt_path) in _SPECIAL_PATHS or "://" in str(ckpt_path):
             return
