@@ -18,7 +18,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ from lightning_gan._lightning import set_sigterm_flag, sigterm_flag, sigterm_han
 from lightning_gan.checks import check_positive_int
 from lightning_gan.errors import CTRL_C, SIGTERM, LightningGANError
 from lightning_gan.figures import run_dir
-from lightning_gan.files import atomic_write, remove_orphaned_temporaries
+from lightning_gan.files import atomic_write, dead_process_of_this_host, host_name, remove_orphaned_temporaries
 from lightning_gan.slurm import REQUEUE_SIGNAL, with_slurm_environment
 
 __all__ = [
@@ -338,7 +337,8 @@ class RunLock:
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
                     continue
-                owner = self._owner() or "unknown"
+                owner = self._owner()
+                owner = f"{owner[1]} on {owner[0]}" if owner else "unknown"
                 self._remove_created()
                 raise RunFolderLockedError(
                     f"{self.folder} is in use by another run (process {owner}, lock file {self.path}): wait for it to "
@@ -346,7 +346,7 @@ class RunLock:
                     f"delete {self.path}."
                 ) from None
             with os.fdopen(descriptor, "w") as file:
-                file.write(f"{socket.gethostname()} {os.getpid()}\n")
+                file.write(f"{host_name()} {os.getpid()}\n")
             return
         raise RunFolderLockedError(f"Could not lock {self.folder}: {self.path} keeps reappearing; delete it.")
 
@@ -362,30 +362,19 @@ class RunLock:
                 folder.rmdir()
         self._created = []
 
-    def _owner(self) -> str | None:
+    def _owner(self) -> tuple[str, int] | None:
+        """The lock's ``(host, pid)``; ``None`` while it is being written, or when it is not the package's."""
         try:
             host, pid = self.path.read_text().split()
+            return host, int(pid)
         except (OSError, ValueError):
             return None
-        return f"{pid} on {host}"
 
     def _owner_is_dead(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-            pid_number = int(pid)
-        except FileNotFoundError:
+        if not self.path.exists():
             return True  # released meanwhile
-        except (OSError, ValueError):
-            return False  # being written, or not ours to judge
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(pid_number, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False  # alive, another user's
-        return False
+        owner = self._owner()
+        return owner is not None and dead_process_of_this_host(*owner)
 
     @classmethod
     def acquire_for(cls, trainer: Trainer, folder: str | Path) -> RunLock | None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["ORPHAN_AGE_S", "atomic_write", "remove_orphaned_temporaries"]
+__all__ = ["ORPHAN_AGE_S", "atomic_write", "dead_process_of_this_host", "host_name", "remove_orphaned_temporaries"]
 
 # A temporary file of another host (a shared file system) is removed once it is this old: no write takes a day.
 ORPHAN_AGE_S = 24 * 3600
@@ -24,18 +24,22 @@ _QUIET_S = 60
 _TEMPORARY = re.compile(r"^\..+?(?:\.(?P<host>[A-Za-z0-9-]+))?\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+def host_name(host: str | None = None) -> str:
+    """``host`` (default: this host's name) as the package writes it into file names and lock files."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname() if host is None else host) or "host"
 
 
-def _alive(pid: int) -> bool:
+def dead_process_of_this_host(host: str, pid: int) -> bool:
+    """Whether ``pid`` on ``host`` is a process of this host that has ended."""
+    if host_name(host) != host_name():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: a process of another user holds that pid
         return True
-    return True
+    except OSError:  # e.g. PermissionError: a process of another user holds that pid
+        return False
+    return False
 
 
 def remove_orphaned_temporaries(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
@@ -47,16 +51,16 @@ def remove_orphaned_temporaries(folder: str | Path, max_age_s: float = ORPHAN_AG
     A temporary file of a live process of this host, or a recent one of another host, is left alone: it may be
     being written.
     """
-    folder, host, now, removed = Path(folder), _host(), time.time(), []
+    folder, now, removed = Path(folder), time.time(), []
     with contextlib.suppress(OSError):  # a folder that is missing or unreadable holds nothing to clean
         for entry in os.scandir(folder):
             match = _TEMPORARY.match(entry.name)
             if match is None or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(OSError):  # gone already (another cleaner), or not ours to remove
-                ours = match["host"] == host and int(match["pid"]) != os.getpid()
-                age = now - entry.stat().st_mtime
-                if (ours and age > _QUIET_S and not _alive(int(match["pid"]))) or age > max_age_s:
+                host, pid, age = match["host"], int(match["pid"]), now - entry.stat().st_mtime
+                quiet = host is not None and pid != os.getpid() and age > _QUIET_S
+                if (quiet and dead_process_of_this_host(host, pid)) or age > max_age_s:
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
     return removed
@@ -74,7 +78,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temporaries(path.parent)
-    temporary = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary = path.with_name(f".{path.name}.{host_name()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "xb") as file:
             write(file)
