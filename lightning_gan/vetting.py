@@ -112,8 +112,9 @@ def vet_class_paths(paths: Iterable[str], source: str, trusted: Iterable[str] = 
         )
 
 
-def read_checkpoint(path: str | os.PathLike[str] | io.IOBase) -> dict[str, Any]:
-    """The checkpoint at ``path`` read with ``torch.load(weights_only=True)`` on the CPU.
+def read_checkpoint(path: str | os.PathLike[str] | io.IOBase, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` read with ``torch.load(weights_only=True)`` on the CPU (``mmap``: memory-mapped, for
+    a reader that looks only at its small entries).
 
     Raises:
         CorruptCheckpointError: one line naming the file and what is wrong with it.
@@ -124,7 +125,7 @@ def read_checkpoint(path: str | os.PathLike[str] | io.IOBase) -> dict[str, Any]:
             raise CorruptCheckpointError(
                 f"Cannot read checkpoint {name}: the file is empty (its writing was cut off?)."
             )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {name}: it is not a file written by torch.save, or it holds objects that "

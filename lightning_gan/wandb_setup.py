@@ -8,14 +8,12 @@ import configparser
 import contextlib
 import netrc
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
@@ -29,6 +27,7 @@ from typing_extensions import override
 from lightning_gan.checkpointing import RunLock
 from lightning_gan.errors import LightningGANError
 from lightning_gan.figures import run_dir
+from lightning_gan.vetting import CorruptCheckpointError, read_checkpoint
 
 WANDB_PROJECT = "lightning-gan"
 
@@ -73,9 +72,9 @@ def wandb_run_of(ckpt_path: str | os.PathLike) -> str | None:
     if not path.is_file():
         return None  # e.g. "last" or "best": Lightning resolves those, and reports a missing file itself
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        return None  # Lightning reports an unreadable checkpoint when it loads it
+        checkpoint = read_checkpoint(path, mmap=True)
+    except (OSError, CorruptCheckpointError):
+        return None  # reported by the CLI's own check of --ckpt_path, or by Lightning when it loads the file
     for state in (checkpoint.get("callbacks") or {}).values():  # SaveRunConfig's, or a subclass's (another key)
         run_id = state.get("wandb_run_id") if isinstance(state, dict) else None
         if isinstance(run_id, str):
