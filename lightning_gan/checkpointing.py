@@ -175,12 +175,8 @@ class InterruptCheckpoint(Callback):
 
     def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
         """SIGUSR1 (``sbatch --signal=SIGUSR1@90``): the same clean stop as SIGTERM (see :mod:`lightning_gan.slurm`)."""
-        if self._trainer is None:
-            return
-        if self._trainer.world_size > 1:
-            self._stop_requested = True  # the ranks agree on it first (see on_train_batch_end)
-        else:
-            set_sigterm_flag(self._trainer, True)
+        if self._trainer is not None:
+            self._request_stop()
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
         if self._ctrl_c_seen or self._trainer is None:
@@ -190,9 +186,14 @@ class InterruptCheckpoint(Callback):
             "\nCtrl-C: stopping after the current step and saving a checkpoint to resume from. "
             "Press Ctrl-C again to stop at once, without a checkpoint."
         )
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        """Stop after the current step: under DDP once the ranks agree on it (see ``on_train_batch_end``), else
+        through Lightning's own SIGTERM flag, checked after every step."""
         if self._trainer.world_size > 1:
-            self._stop_requested = True  # the ranks agree on it first (see on_train_batch_end)
-        else:  # Lightning's own SIGTERM flag, checked after every step
+            self._stop_requested = True
+        else:
             set_sigterm_flag(self._trainer, True)
 
     @override

@@ -306,8 +306,7 @@ def remove_offline_run(folder: Path) -> None:
     if run is None or not run.offline:
         return
     sync_dir = Path(run.dir).parent
-    wandb.finish()
-    wandb.teardown()
+    finish_wandb_run()
     shutil.rmtree(sync_dir, ignore_errors=True)
     latest = sync_dir.parent / "latest-run"
     if latest.is_symlink() and not latest.exists():
