@@ -409,7 +409,7 @@ def with_safe_checkpointing(trainer_config: Mapping[str, Any], kwargs: dict[str,
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # Lightning's auto-requeue off (see lightning_gan.slurm)
-        kwargs["plugins"] = with_slurm_environment(trainer_config, kwargs.get("plugins", plugins))
+        kwargs["plugins"] = with_slurm_environment(kwargs.get("plugins", plugins))
     if trainer_config.get("enable_checkpointing") is not False:
         callbacks = kwargs["callbacks"] if "callbacks" in kwargs else trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]

@@ -13,7 +13,7 @@ resumes bit for bit (``--ckpt_path``; see docs/distributed.md for a job script t
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
@@ -23,12 +23,10 @@ __all__ = ["REQUEUE_SIGNAL", "with_slurm_environment"]
 REQUEUE_SIGNAL = signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else None  # what `sbatch --signal=SIGUSR1@90` sends
 
 
-def with_slurm_environment(trainer_config: Mapping[str, Any], plugins: Sequence[Any]) -> list[Any]:
-    """``plugins`` with ``SLURMEnvironment(auto_requeue=False)`` added when this process runs under SLURM (``srun``)
-    and neither they nor the config's ``trainer.plugins`` name a cluster environment."""
+def with_slurm_environment(plugins: Sequence[Any]) -> list[Any]:
+    """``plugins`` with ``SLURMEnvironment(auto_requeue=False)`` added, unless they name a cluster environment (for a
+    process that runs under SLURM, ``srun``)."""
     plugins = list(plugins)
-    configured = trainer_config.get("plugins") or []
-    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in [*configured, *plugins]):
+    if not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
