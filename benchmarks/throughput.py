@@ -101,6 +101,11 @@ def update_left_out(gan: GAN) -> Iterator[None]:
         yield
 
 
+def with_compile(callbacks: list[Callback], compiled: bool) -> list[Callback]:
+    """``callbacks``, and :class:`~lightning_gan.CompileNetworks` where ``compiled``."""
+    return [*callbacks, CompileNetworks()] if compiled else callbacks
+
+
 FAST_PATH = ("--data.init_args.device_resident=true", "--model.init_args.cuda_graph=true")
 
 
@@ -125,7 +130,7 @@ def lightning_steps_per_s(
     cli = load(config, data_dir, *overrides)
     timer = StepTimer(warmup)
     precision = "high" if tf32 else None
-    callbacks = [timer, CompileNetworks()] if compiled else [timer]
+    callbacks = with_compile([timer], compiled)
     trainer = bench_trainer(device, callbacks, precision, max_steps=steps + warmup, log_every_n_steps=log_every_n_steps)
     with update_left_out(cli.model) if loop_only else contextlib.nullcontext():
         trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -164,8 +169,7 @@ def replay_steps_per_s(
     """Fit the fast path until its update is captured, then time the graph's replays alone (CUDA only)."""
     cli = load(config, data_dir, *overrides)
     timer = ReplayTimer(steps, warmup)
-    callbacks = [timer, CompileNetworks()] if compiled else [timer]
-    trainer = bench_trainer(device, callbacks, "high" if tf32 else None, max_steps=warmup)
+    trainer = bench_trainer(device, with_compile([timer], compiled), "high" if tf32 else None, max_steps=warmup)
     trainer.fit(cli.model, datamodule=cli.datamodule)
     assert timer.steps_per_s is not None
     return timer.steps_per_s
@@ -303,11 +307,10 @@ def main() -> None:
                     print(f"{name}: not measured ({type(err).__name__}: {err})")
         record(loop, lightning_steps_per_s(*measure, loop_only=True))
         record(loop_stacked, lightning_steps_per_s(*stacked, loop_only=True))
-        replays = ((replay, False, False), (replay + tf32, True, False), (replay + compiled, False, True))
-        replays += ((replay + tf32 + compiled, True, True),)
-        for name, with_tf32, with_compile in replays if cuda else ():
+        replays = [(replay + t + c, bool(t), bool(c)) for c in ("", compiled) for t in ("", tf32)]
+        for name, with_tf32, with_compiled in replays if cuda else ():
             try:
-                record(name, replay_steps_per_s(*measure, tf32=with_tf32, compiled=with_compile))
+                record(name, replay_steps_per_s(*measure, tf32=with_tf32, compiled=with_compiled))
             except Exception as err:  # a diagnostic row: report it, keep the table
                 print(f"{name}: not measured ({type(err).__name__}: {err})")
 

@@ -110,8 +110,9 @@ class ParzenEvaluation(Callback):
         seed: int = 1234,
         chunk_size: int = 500,
     ) -> None:
-        sizes = {"num_samples": num_samples, "every_n_epochs": every_n_epochs, "val_size": val_size}
-        check_positive_ints({**sizes, "chunk_size": chunk_size, "test_size": test_size}, ("val_size", "test_size"))
+        counts = {"num_samples": num_samples, "every_n_epochs": every_n_epochs, "val_size": val_size}
+        counts |= {"chunk_size": chunk_size, "test_size": test_size}
+        check_positive_ints(counts, optional=("val_size", "test_size"))
         if sigmas is not None and (len(sigmas) == 0 or not all(math.isfinite(s) and s > 0 for s in sigmas)):
             raise ValueError(f"Expected `sigmas` to be a non-empty list of positive numbers, but got {sigmas!r}.")
         if sigmas is not None:
